@@ -1,0 +1,180 @@
+"""All of paysaga's configuration, in one class read from the environment or a `.env` file.
+
+Most variables carry the `PAYSAGA_` prefix. The connection settings that other tools
+share keep their conventional names: `DATABASE_URL`, `DATABASE_APP_URL`,
+`TEMPORAL_ADDRESS` and `TEMPORAL_NAMESPACE`. Leaving `DATABASE_URL` or
+`TEMPORAL_ADDRESS` unset means "use the embedded server that `paysaga up` starts".
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Secrets that ship in the repository. Fine on a laptop, refused anywhere else.
+PLACEHOLDER_SECRETS = frozenset({"dev-insecure-change-me", "changeme", "change-me", "secret", ""})
+
+Environment = Literal["development", "test", "production"]
+
+
+class Settings(BaseSettings):
+    """paysaga's configuration. Field docs name the environment variable that sets each one."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PAYSAGA_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        populate_by_name=True,
+    )
+
+    env: Environment = Field(
+        default="development",
+        description="PAYSAGA_ENV: development, test or production. Outside development, "
+        "placeholder secrets are refused.",
+    )
+    data_dir: Path = Field(
+        default=Path(".paysaga"),
+        description="PAYSAGA_DATA_DIR: where the embedded PostgreSQL, the Temporal SQLite "
+        "file and the logs live.",
+    )
+
+    # --- PostgreSQL -------------------------------------------------------------------
+    database_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("DATABASE_URL", "database_url"),
+        description="DATABASE_URL: an external PostgreSQL, connected as the schema owner "
+        "(runs migrations). Unset: the embedded PostgreSQL.",
+    )
+    database_app_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("DATABASE_APP_URL", "database_app_url"),
+        description="DATABASE_APP_URL: the services' connection, as the application role. "
+        "Unset: DATABASE_URL with SET ROLE to the application role.",
+    )
+    db_app_role: str = Field(
+        default="paysaga_app",
+        pattern=r"^[a-z_][a-z0-9_]{0,62}$",
+        description="PAYSAGA_DB_APP_ROLE: the role the services act as. It holds only "
+        "INSERT and SELECT on the ledger.",
+    )
+    db_pool_size: int = Field(default=10, ge=1, le=200, description="PAYSAGA_DB_POOL_SIZE")
+    db_pool_overflow_max: int = Field(
+        default=10, ge=0, le=200, description="PAYSAGA_DB_POOL_OVERFLOW_MAX"
+    )
+
+    # --- Temporal ---------------------------------------------------------------------
+    temporal_address: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("TEMPORAL_ADDRESS", "temporal_address"),
+        description="TEMPORAL_ADDRESS: an external Temporal frontend, host:port. "
+        "Unset: the dev server that `paysaga up` starts.",
+    )
+    temporal_namespace: str = Field(
+        default="default",
+        validation_alias=AliasChoices("TEMPORAL_NAMESPACE", "temporal_namespace"),
+        description="TEMPORAL_NAMESPACE",
+    )
+    temporal_port: int = Field(
+        default=7233,
+        ge=1,
+        le=65535,
+        description="PAYSAGA_TEMPORAL_PORT: the dev server's frontend.",
+    )
+    temporal_ui_port: int = Field(
+        default=8233, ge=1, le=65535, description="PAYSAGA_TEMPORAL_UI_PORT: the dev server's UI."
+    )
+    task_queue: str = Field(default="payments", description="PAYSAGA_TASK_QUEUE")
+
+    # --- Worker -----------------------------------------------------------------------
+    worker_activities_max: int = Field(
+        default=64, ge=1, le=1000, description="PAYSAGA_WORKER_ACTIVITIES_MAX"
+    )
+    worker_local_activities_max: int = Field(
+        default=64, ge=1, le=1000, description="PAYSAGA_WORKER_LOCAL_ACTIVITIES_MAX"
+    )
+    worker_workflow_tasks_max: int = Field(
+        default=32, ge=1, le=1000, description="PAYSAGA_WORKER_WORKFLOW_TASKS_MAX"
+    )
+    worker_shutdown_grace_s: int = Field(
+        default=20,
+        ge=0,
+        le=600,
+        description="PAYSAGA_WORKER_SHUTDOWN_GRACE_S: how long in-flight activities may run "
+        "on SIGTERM before they are cancelled (and retried elsewhere).",
+    )
+
+    # --- API --------------------------------------------------------------------------
+    api_host: str = Field(default="127.0.0.1", description="PAYSAGA_API_HOST")
+    api_port: int = Field(default=8000, ge=1, le=65535, description="PAYSAGA_API_PORT")
+    api_key_secret: SecretStr = Field(
+        default=SecretStr("dev-insecure-change-me"),
+        description="PAYSAGA_API_KEY_SECRET: the HMAC key under which API keys are hashed "
+        "at rest. Must be a real secret outside development.",
+    )
+
+    # --- Logging ----------------------------------------------------------------------
+    log_level: str = Field(default="INFO", description="PAYSAGA_LOG_LEVEL")
+    log_json: bool = Field(
+        default=True, description="PAYSAGA_LOG_JSON: structured JSON logs (one object per line)."
+    )
+
+    @model_validator(mode="after")
+    def _refuse_placeholder_secrets(self) -> Settings:
+        if self.env != "development":
+            secret = self.api_key_secret.get_secret_value()
+            if secret in PLACEHOLDER_SECRETS or len(secret) < 16:
+                raise ValueError(
+                    "PAYSAGA_API_KEY_SECRET is a placeholder (or shorter than 16 characters); "
+                    f"set a real secret when PAYSAGA_ENV={self.env}"
+                )
+        return self
+
+    # --- Derived values ----------------------------------------------------------------
+    @property
+    def data_path(self) -> Path:
+        return self.data_dir.expanduser().resolve()
+
+    @property
+    def uses_embedded_postgres(self) -> bool:
+        return self.database_url is None
+
+    @property
+    def uses_dev_temporal(self) -> bool:
+        return self.temporal_address is None
+
+    @property
+    def temporal_target(self) -> str:
+        return self.temporal_address or f"127.0.0.1:{self.temporal_port}"
+
+    @property
+    def temporal_ui_url(self) -> str | None:
+        return f"http://127.0.0.1:{self.temporal_ui_port}" if self.uses_dev_temporal else None
+
+    @property
+    def api_url(self) -> str:
+        host = "127.0.0.1" if self.api_host in ("0.0.0.0", "::") else self.api_host
+        return f"http://{host}:{self.api_port}"
+
+    @classmethod
+    def env_names(cls) -> frozenset[str]:
+        """Every environment variable this class reads, in upper case."""
+        prefix = str(cls.model_config.get("env_prefix", ""))
+        names: set[str] = set()
+        for name, field in cls.model_fields.items():
+            alias = field.validation_alias
+            if isinstance(alias, AliasChoices):
+                names.update(str(choice).upper() for choice in alias.choices)
+            else:
+                names.add(f"{prefix}{name}".upper())
+        return frozenset(names)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()
