@@ -1,0 +1,314 @@
+"""The `paysaga` command line.
+
+Output rule: results that scripts capture go to stdout; everything else (progress,
+banners, errors) goes to stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Annotated, NoReturn, TypeVar
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+
+from paysaga.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    name="paysaga",
+    help="A payment saga engine: durable Temporal workflows over an append-only ledger.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+db_app = typer.Typer(help="Database migrations (run as the schema owner).", no_args_is_help=True)
+apikey_app = typer.Typer(help="API keys: create, list and revoke.", no_args_is_help=True)
+temporal_app = typer.Typer(help="Temporal set-up for an external server.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(apikey_app, name="apikey")
+app.add_typer(temporal_app, name="temporal")
+
+err = Console(stderr=True)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Report a problem the user can fix, on stderr, and exit non-zero."""
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _settings() -> Settings:
+    try:
+        return get_settings()
+    except ValidationError as error:
+        fail(f"invalid configuration:\n{error}", code=2)
+
+
+def _configure_logging(service: str, settings: Settings) -> None:
+    from paysaga.logs import configure_logging
+
+    configure_logging(service, level=settings.log_level, json_lines=settings.log_json)
+
+
+# --- the stack and its services -----------------------------------------------------------
+@app.command()
+def up() -> None:
+    """Run the whole product in the foreground: PostgreSQL, Temporal, worker, projector, API."""
+    from paysaga.logs import configure_logging
+    from paysaga.stack import StackError, run_stack
+
+    settings = _settings()
+    # The supervisor talks to a person at a terminal: plain text, not JSON.
+    configure_logging("supervisor", level="WARNING", json_lines=False)
+    try:
+        asyncio.run(run_stack(settings, err))
+    except StackError as error:
+        fail(str(error), code=2)
+
+
+@app.command()
+def worker() -> None:
+    """Run the Temporal worker against the configured servers."""
+    from worker import run_worker
+
+    settings = _settings()
+    _configure_logging("worker", settings)
+    asyncio.run(run_worker(settings))
+
+
+@app.command()
+def api() -> None:
+    """Serve the HTTP API (uvicorn) against the configured servers."""
+    import uvicorn
+
+    from api.app import create_app
+
+    settings = _settings()
+    _configure_logging("api", settings)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.api_host,
+        port=settings.api_port,
+        log_config=None,
+        server_header=False,
+        timeout_graceful_shutdown=10,
+    )
+
+
+@app.command()
+def projector() -> None:
+    """Run the read-side projector (its slot in the stack; projections arrive later)."""
+    import signal
+    import threading
+
+    settings = _settings()
+    _configure_logging("projector", settings)
+    log = logging.getLogger("paysaga.projector")
+    log.info("projector: no projections are registered yet; waiting for a stop signal")
+    stopped = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopped.set())
+    stopped.wait()
+    log.info("projector stopped")
+
+
+@app.command()
+def ping() -> None:
+    """Run a diagnostic workflow through the task queue: proves a worker is serving it."""
+    import uuid
+    from datetime import timedelta
+
+    from paysaga.temporal import connect
+    from workflows.diagnostics import PingWorkflow
+
+    settings = _settings()
+
+    async def run() -> str:
+        client = await connect(settings, timeout_s=10)
+        pong = await client.execute_workflow(
+            PingWorkflow.run,
+            id=f"ping-{uuid.uuid4()}",
+            task_queue=settings.task_queue,
+            execution_timeout=timedelta(seconds=30),
+        )
+        return pong.workflow_id
+
+    typer.echo(asyncio.run(run()))
+
+
+@app.command()
+def status() -> None:
+    """Show the services of a running `paysaga up`, their pids and restart counts."""
+    state_file = _settings().data_path / "run" / "stack.json"
+    if not state_file.exists():
+        fail(f"no stack state in {state_file}; is `paysaga up` running?")
+    typer.echo(state_file.read_text())
+
+
+# --- database -----------------------------------------------------------------------------
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
+    """Apply migrations up to REVISION (default: the latest)."""
+    from paysaga import migrate
+    from paysaga.db import database_urls
+
+    settings = _settings()
+    migrate.upgrade(database_urls(settings).owner_url, settings.db_app_role, revision)
+    err.print(f"database at revision {revision}")
+
+
+@db_app.command("downgrade")
+def db_downgrade(revision: Annotated[str, typer.Argument()]) -> None:
+    """Revert migrations down to REVISION (`base` reverts them all)."""
+    from paysaga import migrate
+    from paysaga.db import database_urls
+
+    settings = _settings()
+    migrate.downgrade(database_urls(settings).owner_url, settings.db_app_role, revision)
+    err.print(f"database at revision {revision}")
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Print the database's current revision."""
+    from paysaga import migrate
+    from paysaga.db import database_urls
+
+    typer.echo(migrate.current_revision(database_urls(_settings()).owner_url) or "base")
+
+
+# --- API keys -----------------------------------------------------------------------------
+def _with_owner_engine(call: Callable[[AsyncEngine, Settings], Awaitable[T]]) -> T:
+    """Run an async call with an owner engine, and explain an unreachable database."""
+    from sqlalchemy.exc import OperationalError
+
+    from paysaga.db import create_owner_engine, database_urls
+
+    settings = _settings()
+
+    async def run() -> T:
+        engine = create_owner_engine(database_urls(settings))
+        try:
+            return await call(engine, settings)
+        finally:
+            await engine.dispose()
+
+    try:
+        return asyncio.run(run())
+    except OperationalError as error:
+        fail(
+            f"cannot reach the database ({error.orig}); is `paysaga up` running, "
+            "or DATABASE_URL set?"
+        )
+
+
+@apikey_app.command("create")
+def apikey_create(
+    name: Annotated[str, typer.Option(help="Who or what the key is for.")],
+    scopes: Annotated[
+        str, typer.Option(help="Comma-separated: payments:write, payments:read, ...")
+    ],
+) -> None:
+    """Create a key and print it once, alone on stdout. Only its hash is stored."""
+    from api.keys import ApiKeyError, create_api_key, parse_scopes
+
+    try:
+        scope_set = parse_scopes(scopes)
+    except ApiKeyError as error:
+        raise typer.BadParameter(str(error), param_hint="--scopes") from None
+
+    async def create(engine: AsyncEngine, settings: Settings) -> tuple[str, str]:
+        return await create_api_key(
+            engine,
+            settings.api_key_secret.get_secret_value(),
+            name=name,
+            scopes=scope_set,
+        )
+
+    try:
+        key_id, key = _with_owner_engine(create)
+    except ApiKeyError as error:
+        fail(str(error))
+    err.print(f"created API key {key_id} ({name}) with scopes {', '.join(sorted(scope_set))}")
+    err.print("it is shown once; store it now")
+    typer.echo(key)
+
+
+@apikey_app.command("revoke")
+def apikey_revoke(key_id: Annotated[str, typer.Argument(help="The id shown at creation.")]) -> None:
+    """Disable a key for good."""
+    from api.keys import ApiKeyError, revoke_api_key
+
+    try:
+        revoked = _with_owner_engine(lambda engine, _settings: revoke_api_key(engine, key_id))
+    except ApiKeyError as error:
+        fail(str(error))
+    err.print(f"revoked API key {revoked.key_id} ({revoked.name}) at {revoked.revoked_at}")
+
+
+@apikey_app.command("list")
+def apikey_list() -> None:
+    """List keys (ids, names, scopes; never the keys themselves) as JSON lines."""
+    from api.keys import list_api_keys
+
+    for key in _with_owner_engine(lambda engine, _settings: list_api_keys(engine)):
+        typer.echo(
+            json.dumps(
+                {
+                    "key_id": key.key_id,
+                    "name": key.name,
+                    "scopes": sorted(key.scopes),
+                    "created_at": key.created_at.isoformat(),
+                    "revoked_at": key.revoked_at.isoformat() if key.revoked_at else None,
+                }
+            )
+        )
+
+
+# --- Temporal -----------------------------------------------------------------------------
+@temporal_app.command("register")
+def temporal_register() -> None:
+    """Register paysaga's search attributes on the configured Temporal namespace."""
+    from paysaga.temporal import connect, ensure_search_attributes
+
+    settings = _settings()
+
+    async def run() -> list[str]:
+        client = await connect(settings, timeout_s=30)
+        return await ensure_search_attributes(client, settings.temporal_namespace)
+
+    added = asyncio.run(run())
+    err.print(f"registered: {', '.join(added)}" if added else "all search attributes present")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console-script entry point.
+
+    It ends with `os._exit`: a process that used a Temporal client can abort at
+    interpreter exit (sdk-python issue 300, exit code 134), which would turn a
+    successful command into a failure.
+    """
+    code = 0
+    try:
+        app(args=list(argv) if argv is not None else None, prog_name="paysaga")
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    finally:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)

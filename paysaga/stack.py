@@ -1,0 +1,274 @@
+"""`paysaga up`: the whole product, supervised from one process tree.
+
+Start order: PostgreSQL (embedded, unless DATABASE_URL) → migrations → Temporal (dev
+server, unless TEMPORAL_ADDRESS) → search attributes → worker → read side → API.
+Stop order is the reverse. Everything persists under the data directory, so a second
+`paysaga up` picks up where the first stopped, in-flight workflows included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+
+from paysaga import migrate
+from paysaga.db import DatabaseUrls, database_urls
+from paysaga.embedded_pg import EmbeddedPostgres
+from paysaga.settings import Settings
+from paysaga.supervisor import ServiceSpec, Supervisor
+from paysaga.temporal import connect, dev_server_argv, ensure_search_attributes
+
+STARTUP_TIMEOUT_S = 90.0
+ALL_SCOPES = "payments:write,payments:read,accounts:write,accounts:read,ops"
+
+
+class StackError(Exception):
+    """A start-up problem the user can fix; the message says how."""
+
+
+@dataclass(frozen=True)
+class PortNeed:
+    port: int
+    host: str
+    what: str
+    setting: str
+
+
+def ports_needed(settings: Settings) -> list[PortNeed]:
+    needs = [PortNeed(settings.api_port, settings.api_host, "the API", "PAYSAGA_API_PORT")]
+    if settings.uses_dev_temporal:
+        needs += [
+            PortNeed(settings.temporal_port, "127.0.0.1", "Temporal", "PAYSAGA_TEMPORAL_PORT"),
+            PortNeed(
+                settings.temporal_ui_port,
+                "127.0.0.1",
+                "the Temporal UI",
+                "PAYSAGA_TEMPORAL_UI_PORT",
+            ),
+        ]
+    return needs
+
+
+def check_ports_free(settings: Settings) -> None:
+    """Fail before starting anything if a port we must listen on is taken."""
+    for need in ports_needed(settings):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((need.host, need.port))
+            except OSError as err:
+                if err.errno != errno.EADDRINUSE:
+                    raise
+                raise StackError(
+                    f"port {need.port} ({need.what}) is already in use on {need.host}. "
+                    f"Stop whatever holds it, or choose another port: {need.setting}=<port>"
+                ) from None
+
+
+@contextlib.contextmanager
+def exclusive_data_dir(data_dir: Path) -> Iterator[None]:
+    """One `paysaga up` per data directory: a second one would corrupt the first's state."""
+    run_dir = data_dir / "run"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "up.lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise StackError(
+                f"paysaga is already running with data directory {data_dir} (pid {holder}). "
+                "Stop it first, or set PAYSAGA_DATA_DIR to use another directory."
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        yield
+
+
+def service_env(settings: Settings, urls: DatabaseUrls) -> dict[str, str]:
+    """Children run against exactly the servers the supervisor started or was given."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "DATABASE_URL": urls.owner_url,
+            "TEMPORAL_ADDRESS": settings.temporal_target,
+            "TEMPORAL_NAMESPACE": settings.temporal_namespace,
+            "PAYSAGA_DATA_DIR": str(settings.data_path),
+            "PAYSAGA_API_HOST": settings.api_host,
+            "PAYSAGA_API_PORT": str(settings.api_port),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    if urls.app_url is not None:
+        env["DATABASE_APP_URL"] = urls.app_url
+    return env
+
+
+def python_service(name: str, settings: Settings, env: dict[str, str]) -> ServiceSpec:
+    return ServiceSpec(
+        name=name,
+        argv=[sys.executable, "-m", "paysaga", name],
+        env=env,
+        log_file=settings.data_path / "logs" / f"{name}.log",
+        # The worker's graceful shutdown may take its whole grace period.
+        stop_timeout_s=settings.worker_shutdown_grace_s + 10.0,
+    )
+
+
+async def _wait_http_ok(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient(timeout=2.0) as http:
+        while True:
+            try:
+                if (await http.get(url)).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise StackError(f"{url} did not answer 200 within {timeout_s:.0f} s")
+            await asyncio.sleep(0.2)
+
+
+async def _wait_until(check: Callable[[], bool], what: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await asyncio.to_thread(check):
+        if time.monotonic() > deadline:
+            raise StackError(f"{what} was not ready within {timeout_s:.0f} s")
+        await asyncio.sleep(0.1)
+
+
+def banner(settings: Settings, urls: DatabaseUrls, started_s: float) -> Panel:
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("API", f"{settings.api_url}   docs {settings.api_url}/docs")
+    table.add_row("Metrics", f"{settings.api_url}/metrics")
+    if settings.temporal_ui_url:
+        table.add_row("Temporal UI", settings.temporal_ui_url)
+    table.add_row(
+        "Temporal", f"{settings.temporal_target}  namespace {settings.temporal_namespace}"
+    )
+    where = (
+        f"embedded, socket in {settings.data_path / 'pg'}"
+        if settings.uses_embedded_postgres
+        else "external (DATABASE_URL)"
+    )
+    table.add_row("PostgreSQL", where)
+    table.add_row("Data", str(settings.data_path))
+    table.add_row("Logs", str(settings.data_path / "logs"))
+    table.add_row(
+        "API key",
+        f"paysaga apikey create --name me --scopes {ALL_SCOPES}",
+    )
+    return Panel(
+        table,
+        title=f"paysaga is up ({started_s:.1f} s)",
+        subtitle="Ctrl-C stops everything",
+        expand=False,
+    )
+
+
+async def run_stack(settings: Settings, console: Console) -> None:
+    """Start everything, print the banner, and run until SIGINT or SIGTERM."""
+    started = time.monotonic()
+    data = settings.data_path
+    (data / "logs").mkdir(parents=True, exist_ok=True)
+    check_ports_free(settings)
+    with exclusive_data_dir(data):
+        supervisor = Supervisor(
+            console=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True),
+            state_file=data / "run" / "stack.json",
+        )
+        stop = asyncio.Event()
+        main_task = asyncio.current_task()
+        assert main_task is not None
+        ready = False
+
+        def on_signal() -> None:
+            # Before the stack is up, abandon start-up; after, begin an orderly stop.
+            if ready:
+                stop.set()
+            else:
+                main_task.cancel()
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal)
+        try:
+            urls = await _start_servers(settings, supervisor, console)
+            env = service_env(settings, urls)
+            await supervisor.start(python_service("worker", settings, env))
+            # The read side's slot: the projector. Reconciliation schedules join it later.
+            await supervisor.start(python_service("projector", settings, env))
+            await supervisor.start(python_service("api", settings, env))
+            await _wait_http_ok(f"{settings.api_url}/healthz", STARTUP_TIMEOUT_S)
+            ready = True
+            console.print(banner(settings, urls, time.monotonic() - started))
+            await stop.wait()
+            console.print("stopping: api, projector, worker, temporal, postgres ...")
+        except asyncio.CancelledError:
+            console.print("start-up interrupted; stopping what was started ...")
+        finally:
+            await supervisor.stop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+        console.print("paysaga stopped.")
+
+
+async def _start_servers(
+    settings: Settings, supervisor: Supervisor, console: Console
+) -> DatabaseUrls:
+    logs = settings.data_path / "logs"
+    if settings.uses_embedded_postgres:
+        pg = EmbeddedPostgres(settings.data_path / "pg", app_role=settings.db_app_role)
+        fresh = not pg.is_initialized
+        console.print(f"postgres | {'initialising' if fresh else 'reusing'} cluster in {pg.pgdata}")
+        await asyncio.to_thread(pg.ensure_initialized)
+        await supervisor.start(
+            ServiceSpec(
+                name="postgres",
+                argv=pg.server_argv(),
+                log_file=logs / "postgres.log",
+                echo=False,
+                # SIGINT is PostgreSQL's fast shutdown: roll back, checkpoint, exit.
+                stop_signal=signal.SIGINT,
+                process_kwargs=pg.process_kwargs(),
+            )
+        )
+        await _wait_until(pg.is_ready, "PostgreSQL", STARTUP_TIMEOUT_S)
+        await asyncio.to_thread(pg.bootstrap)
+    urls = database_urls(settings)
+    await asyncio.to_thread(migrate.upgrade, urls.owner_url, settings.db_app_role)
+    console.print(f"postgres | migrated to revision {migrate.head_revision()}")
+
+    if settings.uses_dev_temporal:
+        await supervisor.start(
+            ServiceSpec(
+                name="temporal",
+                argv=dev_server_argv(settings),
+                log_file=logs / "temporal.log",
+                echo=False,
+            )
+        )
+    client = await connect(settings, timeout_s=STARTUP_TIMEOUT_S)
+    added = await ensure_search_attributes(client, settings.temporal_namespace)
+    if added:
+        console.print(f"temporal | registered search attributes: {', '.join(added)}")
+    return urls
