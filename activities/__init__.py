@@ -1,0 +1,1 @@
+"""Side effects: ledger appends, calls to the payment processor, reading statements."""

@@ -1,0 +1,1 @@
+"""The FastAPI application that client systems and operations use."""

@@ -1,0 +1,1 @@
+"""Temporal workflow definitions. Deterministic: no I/O, no clocks, no randomness."""
