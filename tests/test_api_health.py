@@ -1,0 +1,91 @@
+"""Health, readiness, docs and metrics, against the real database and Temporal."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from temporalio.client import Client
+
+from api.app import create_app
+from paysaga.settings import Settings
+
+
+async def _serve(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://paysaga") as http:
+            yield http
+
+
+@pytest.fixture
+async def http(
+    settings: Settings, app_engine: AsyncEngine, temporal_client: Client
+) -> AsyncIterator[httpx.AsyncClient]:
+    async for client in _serve(
+        create_app(settings, engine=app_engine, temporal_client=temporal_client)
+    ):
+        yield client
+
+
+async def test_healthz_answers_without_a_key(http: httpx.AsyncClient) -> None:
+    response = await http.get("/healthz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+
+
+async def test_readyz_reports_each_dependency(http: httpx.AsyncClient) -> None:
+    response = await http.get("/readyz")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "ready"
+    assert set(body["checks"]) == {"database", "temporal"}
+    assert all(check["ok"] for check in body["checks"].values())
+
+
+async def test_readyz_is_503_and_names_the_database_when_it_is_down(
+    settings: Settings, temporal_client: Client
+) -> None:
+    dead = create_async_engine(
+        "postgresql+psycopg://nobody@127.0.0.1:9/none", connect_args={"connect_timeout": 1}
+    )
+    app = create_app(settings, engine=dead, temporal_client=temporal_client)
+    async for http in _serve(app):
+        response = await http.get("/readyz")
+    await dead.dispose()
+    assert response.status_code == 503
+    body = response.json()
+    assert body["status"] == "not_ready"
+    assert body["checks"]["database"]["ok"] is False
+    assert body["checks"]["database"]["error"]
+    assert body["checks"]["temporal"]["ok"] is True
+
+
+async def test_readyz_is_503_and_names_temporal_when_it_is_unreachable(
+    settings: Settings, app_engine: AsyncEngine
+) -> None:
+    unreachable = settings.model_copy(update={"temporal_address": "127.0.0.1:9"})
+    async for http in _serve(create_app(unreachable, engine=app_engine)):
+        response = await http.get("/readyz")
+    assert response.status_code == 503
+    checks = response.json()["checks"]
+    assert checks["temporal"]["ok"] is False
+    assert checks["database"]["ok"] is True
+
+
+async def test_docs_and_openapi_are_served(http: httpx.AsyncClient) -> None:
+    assert (await http.get("/docs")).status_code == 200
+    schema = (await http.get("/openapi.json")).json()
+    assert "/readyz" in schema["paths"]
+
+
+async def test_metrics_count_requests_by_route_and_status(http: httpx.AsyncClient) -> None:
+    await http.get("/healthz")
+    await http.get("/no-such-route")
+    text = (await http.get("/metrics")).text
+    assert 'paysaga_http_requests_total{method="GET",route="/healthz",status="200"} 1.0' in text
+    assert 'route="<unmatched>",status="404"' in text
+    assert "paysaga_http_request_duration_seconds_bucket" in text

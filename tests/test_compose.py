@@ -1,0 +1,150 @@
+"""docker-compose.yml cannot run here (no Docker engine), so it is checked by reading it."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer.main
+import yaml
+
+from paysaga.cli import app
+from paysaga.settings import Settings
+from workflows.search_attributes import ALL_SEARCH_ATTRIBUTES
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
+OURS = {name: svc for name, svc in SERVICES.items() if "build" in svc}
+DEFAULTS = Settings(_env_file=None)
+
+
+def _command(service: dict[str, Any]) -> list[str]:
+    command = service.get("command")
+    assert command, "a service built from our Dockerfile must say which command it runs"
+    return shlex.split(command) if isinstance(command, str) else [str(c) for c in command]
+
+
+def _resolves(argv: list[str]) -> bool:
+    """True if argv names a real `paysaga` command (every word a known subcommand)."""
+    if argv[0] != "paysaga":
+        return False
+    command = typer.main.get_command(app)
+    for word in argv[1:]:
+        if word.startswith("-"):
+            break
+        if _is_group(command):
+            sub = command.get_command(typer.Context(command), word)  # type: ignore[attr-defined]
+            if sub is None:
+                return False
+            command = sub
+        else:
+            break  # a positional argument of a leaf command
+    return not _is_group(command)
+
+
+def _is_group(command: object) -> bool:
+    return hasattr(command, "list_commands")
+
+
+def _host_ports(service: dict[str, Any]) -> dict[int, int]:
+    """{container port: host port}."""
+    mapping = {}
+    for entry in service.get("ports", []):
+        host, container = str(entry).rsplit(":", 1)
+        mapping[int(container)] = int(host.rsplit(":", 1)[-1])
+    return mapping
+
+
+def test_the_stack_has_every_service_of_the_design() -> None:
+    expected = {"postgres", "temporal", "temporal-ui", "worker", "api", "projector"}
+    assert expected <= set(SERVICES)
+    assert {"worker", "api", "projector"} <= set(OURS)
+
+
+def test_postgres_keeps_its_data_in_a_named_volume() -> None:
+    named = set(COMPOSE.get("volumes") or {})
+    mounts = [str(v).split(":")[0] for v in SERVICES["postgres"]["volumes"]]
+    assert any(mount in named for mount in mounts)
+
+
+def test_temporal_uses_the_official_images_with_postgres_persistence() -> None:
+    temporal = SERVICES["temporal"]
+    assert temporal["image"].startswith("temporalio/")
+    assert temporal["environment"]["DB"].startswith("postgres")
+    assert temporal["environment"]["POSTGRES_SEEDS"] == "postgres"
+    assert SERVICES["temporal-ui"]["image"].startswith("temporalio/ui:")
+
+
+def test_a_job_registers_the_search_attributes() -> None:
+    jobs = [
+        svc for svc in OURS.values() if _command(svc)[:3] == ["paysaga", "temporal", "register"]
+    ]
+    assert len(jobs) == 1
+    # That command registers exactly the attributes the workflows upsert.
+    assert {key.name for key in ALL_SEARCH_ATTRIBUTES} == {
+        "PaymentStatus",
+        "PaymentAmountMinor",
+        "PaymentCurrency",
+        "PayerAccountId",
+        "PayeeAccountId",
+    }
+
+
+@pytest.mark.parametrize("name", sorted(OURS))
+def test_each_service_command_exists_in_the_cli(name: str) -> None:
+    assert _resolves(_command(OURS[name])), f"{name}: {_command(OURS[name])} is not a command"
+
+
+@pytest.mark.parametrize("name", sorted(OURS))
+def test_each_service_sets_only_variables_the_settings_know(name: str) -> None:
+    unknown = set(OURS[name].get("environment", {})) - Settings.env_names()
+    assert not unknown, f"{name} sets variables paysaga never reads: {sorted(unknown)}"
+
+
+@pytest.mark.parametrize("name", sorted(OURS))
+def test_each_service_builds_from_the_one_dockerfile(name: str) -> None:
+    assert OURS[name]["build"] in (".", {"context": "."})
+    assert (ROOT / "Dockerfile").is_file()
+
+
+def test_ports_match_the_defaults() -> None:
+    assert _host_ports(SERVICES["api"]) == {DEFAULTS.api_port: DEFAULTS.api_port}
+    assert SERVICES["api"]["environment"]["PAYSAGA_API_PORT"] == str(DEFAULTS.api_port)
+    assert _host_ports(SERVICES["temporal"]) == {7233: DEFAULTS.temporal_port}
+    assert DEFAULTS.temporal_ui_port in _host_ports(SERVICES["temporal-ui"]).values()
+
+
+def test_services_reach_each_other_by_service_name() -> None:
+    env = OURS["api"]["environment"]
+    assert env["TEMPORAL_ADDRESS"].split(":")[0] in SERVICES
+    for variable in ("DATABASE_URL", "DATABASE_APP_URL"):
+        host = re.search(r"@([^:/]+)", env[variable])
+        assert host is not None and host.group(1) in SERVICES
+
+
+def test_files_mounted_from_the_repo_exist() -> None:
+    for name, service in SERVICES.items():
+        for volume in service.get("volumes", []):
+            source = str(volume).split(":")[0]
+            if source.startswith("./"):
+                assert (ROOT / source).exists(), f"{name} mounts missing {source}"
+
+
+def test_the_dockerfile_copies_only_what_exists_and_installs_the_cli() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    for line in dockerfile.splitlines():
+        if line.startswith("COPY "):
+            for source in line.split()[1:-1]:
+                assert (ROOT / source).exists(), f"Dockerfile copies missing {source}"
+    assert "pip install ." in dockerfile
+
+
+def test_the_command_check_rejects_what_is_not_a_command() -> None:
+    assert not _resolves(["paysaga", "no-such-command"])
+    assert not _resolves(["paysaga", "db"])  # a group, not something that runs
+    assert not _resolves(["python", "worker.py"])
+    assert _resolves(["paysaga", "db", "downgrade", "base"])
