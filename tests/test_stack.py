@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -61,6 +62,18 @@ def test_up_runs_heals_stops_cleanly_and_keeps_its_data(stack: RunningStack) -> 
 
     first_ping = paysaga("ping", env=stack.env)
     assert first_ping.returncode == 0, first_ping.stderr
+    # A workflow left in flight (no worker polls its queue) must survive a restart.
+    paysaga_temporal(
+        "workflow",
+        "start",
+        "--type",
+        "Ping",
+        "--task-queue",
+        "parked",
+        "--workflow-id",
+        "in-flight",
+        stack=stack,
+    )
 
     # kill -9 of the worker and of the API heals by itself, within seconds.
     for service in ("worker", "api"):
@@ -82,10 +95,8 @@ def test_up_runs_heals_stops_cleanly_and_keeps_its_data(stack: RunningStack) -> 
     stack.start()
     keys = paysaga("apikey", "list", env=stack.env)
     assert key.split("_")[1] in keys.stdout
-    described = paysaga_temporal(
-        "workflow", "describe", "--workflow-id", first_ping.stdout.strip(), stack=stack
-    )
-    assert "Completed" in described or "COMPLETED" in described
+    assert _workflow_status(stack, first_ping.stdout.strip()) == "COMPLETED"
+    assert _workflow_status(stack, "in-flight") == "RUNNING"
     tree = stack.process_tree()
     assert stack.stop(signal.SIGINT) == 0
     assert wait_all_gone(tree) == [], "orphans left after Ctrl-C"
@@ -99,6 +110,17 @@ def stack_log(stack: RunningStack) -> str:
     os.set_blocking(stack.process.stdout.fileno(), True)
     stack.output.append(chunk)
     return "".join(stack.output)
+
+
+def _workflow_status(stack: RunningStack, workflow_id: str) -> str:
+    described = json.loads(
+        paysaga_temporal(
+            "workflow", "describe", "--workflow-id", workflow_id, "-o", "json", stack=stack
+        )
+    )
+    return str(described["workflowExecutionInfo"]["status"]).removeprefix(
+        "WORKFLOW_EXECUTION_STATUS_"
+    )
 
 
 def paysaga_temporal(*args: str, stack: RunningStack) -> str:
