@@ -35,9 +35,11 @@ app = typer.Typer(
 db_app = typer.Typer(help="Database migrations (run as the schema owner).", no_args_is_help=True)
 apikey_app = typer.Typer(help="API keys: create, list and revoke.", no_args_is_help=True)
 temporal_app = typer.Typer(help="Temporal set-up for an external server.", no_args_is_help=True)
+ledger_app = typer.Typer(help="Prove the ledger: hash chain, positions, state machines.")
 app.add_typer(db_app, name="db")
 app.add_typer(apikey_app, name="apikey")
 app.add_typer(temporal_app, name="temporal")
+app.add_typer(ledger_app, name="ledger", no_args_is_help=True)
 
 err = Console(stderr=True)
 
@@ -290,6 +292,57 @@ def temporal_register() -> None:
 
     added = asyncio.run(run())
     err.print(f"registered: {', '.join(added)}" if added else "all search attributes present")
+
+
+# --- ledger -------------------------------------------------------------------------------
+# Below this many events, a progress bar would only flicker.
+PROGRESS_EVENTS_MIN = 20_000
+
+
+def _run_ledger_report(name: str) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from ledger.verify import Report, check_ledger, count_events, verify_chain
+    from paysaga.db import create_app_engine, database_urls
+
+    settings = _settings()
+    run = verify_chain if name == "verify" else check_ledger
+
+    async def go() -> Report:
+        engine = create_app_engine(database_urls(settings), pool_size=1, pool_overflow_max=0)
+        try:
+            total = await count_events(engine)
+            if total < PROGRESS_EVENTS_MIN:
+                return await run(engine)
+            columns = (BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+            with Progress(*columns, console=err, transient=True) as bar:
+                task = bar.add_task(f"ledger {name}", total=total)
+                return await run(engine, lambda n: bar.advance(task, n))
+        finally:
+            await engine.dispose()
+
+    from sqlalchemy.exc import OperationalError
+
+    try:
+        report = asyncio.run(go())
+    except OperationalError as error:
+        fail(f"cannot reach the database ({error.orig}); is `paysaga up` running?")
+    for line in report.lines():
+        typer.echo(line)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@ledger_app.command("verify")
+def ledger_verify() -> None:
+    """Walk the hash chain; name the first event that no longer matches its hash."""
+    _run_ledger_report("verify")
+
+
+@ledger_app.command("check")
+def ledger_check() -> None:
+    """Fold every event: positions, the zero-sum rule and every stream's state machine."""
+    _run_ledger_report("check")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

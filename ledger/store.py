@@ -1,0 +1,500 @@
+"""The event store: append events, read them back, read accounts and positions.
+
+Writes go through one database function, `ledger_append` (see migration 0002), in
+autocommit mode: one round trip per event, and locks are held only for the span of
+that function and its commit. That is what lets a hot account take many appends
+per second.
+
+Appends use psycopg's own connection pool; reads use SQLAlchemy Core. The split is
+measured, not taste: per append, the client spent about 430 µs of CPU through
+SQLAlchemy's async layer, 260 µs through SQLAlchemy's pool with the raw driver
+connection, and 180 µs through psycopg_pool (8 writers, bench-style lifecycles), and on
+a 2-core machine shared with PostgreSQL that client CPU is throughput.
+
+The store's side of the contract:
+
+- it checks the event against the catalog and hands the database the transitions
+  the state machine allows, so the check happens under the stream's lock;
+- it computes the content half of the hash chain (ledger/hashing.py);
+- it translates every refusal into a domain error, never a raw database error;
+- it retries transient failures (serialisation failures, deadlocks, lost
+  connections) a bounded number of times. Retrying is safe: an append whose first
+  attempt committed is recognised by its event id and appends nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg.rows import namedtuple_row
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from sqlalchemy import bindparam, text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ledger import errors
+from ledger.events import AccountOpened, DomainEvent, account_stream, parse_event
+from ledger.hashing import canonical_json, content_digest
+from ledger.state_machine import TERMINAL_STATES, transitions_for
+from paysaga.db import DatabaseUrls, create_app_engine, to_libpq_url
+
+log = logging.getLogger("paysaga.ledger")
+
+APPEND_ATTEMPTS_MAX = 5
+APPEND_BACKOFF_S_MAX = 0.5
+READ_LIMIT_MAX = 10_000
+_RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})  # serialization failure, deadlock
+
+_EVENT_COLUMNS = (
+    "global_seq, stream_id, stream_version, event_id, event_type, schema_version, payload, "
+    "actor, correlation_id, causation_id, attempt, recorded_at, prev_hash, hash"
+)
+
+_APPEND = """
+    SELECT * FROM ledger_append(
+        %(event_id)s::uuid, %(stream_id)s::text, %(event_type)s::text,
+        %(schema_version)s::integer, %(payload)s::jsonb, %(content)s::bytea,
+        %(actor)s::text, %(correlation_id)s::text, %(causation_id)s::text,
+        %(attempt)s::integer, %(from_states)s::text[], %(to_states)s::text[],
+        %(expected_version)s::integer)
+"""
+_READ_STREAM = text(
+    f"SELECT {_EVENT_COLUMNS} FROM events WHERE stream_id = :stream_id ORDER BY stream_version"
+)
+_READ_RANGE = text(
+    f"SELECT {_EVENT_COLUMNS} FROM events WHERE global_seq > :after_seq "
+    "ORDER BY global_seq LIMIT :limit"
+)
+_READ_BY_IDS = text(
+    f"SELECT {_EVENT_COLUMNS} FROM events WHERE event_id IN :event_ids ORDER BY global_seq"
+).bindparams(bindparam("event_ids", expanding=True))
+_POSITION_COLUMNS = (
+    "p.account_id, p.currency, p.overdraft_limit_minor, p.debits_pending, p.debits_posted, "
+    "p.credits_pending, p.credits_posted, p.last_seq"
+)
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """An event to append, with who caused it and why."""
+
+    stream_id: str
+    event: DomainEvent
+    event_id: uuid.UUID
+    actor: str
+    correlation_id: str | None = None
+    causation_id: str | None = None
+    attempt: int | None = None
+
+
+@dataclass(frozen=True)
+class RecordedEvent:
+    """An event as stored: immutable, ordered, hashed."""
+
+    global_seq: int
+    stream_id: str
+    stream_version: int
+    event_id: uuid.UUID
+    event_type: str
+    schema_version: int
+    payload: dict[str, Any]
+    actor: str
+    correlation_id: str | None
+    causation_id: str | None
+    attempt: int | None
+    recorded_at: datetime
+    prev_hash: bytes
+    hash: bytes
+
+    def to_event(self) -> DomainEvent:
+        return parse_event(self.event_type, self.schema_version, self.payload)
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    event: RecordedEvent
+    appended: bool  # False: the event was already there (an idempotent retry)
+
+
+@dataclass(frozen=True)
+class Position:
+    """An account's position, as in TigerBeetle, read straight from the ledger."""
+
+    account_id: str
+    currency: str
+    overdraft_limit_minor: int | None
+    debits_pending: int
+    debits_posted: int
+    credits_pending: int
+    credits_posted: int
+    last_seq: int
+
+    @property
+    def posted_minor(self) -> int:
+        return self.credits_posted - self.debits_posted
+
+    @property
+    def pending_minor(self) -> int:
+        return self.credits_pending - self.debits_pending
+
+    @property
+    def available_minor(self) -> int | None:
+        """What may still be reserved; None for an unlimited (external) account."""
+        if self.overdraft_limit_minor is None:
+            return None
+        return (
+            self.credits_posted
+            - self.debits_posted
+            - self.debits_pending
+            + self.overdraft_limit_minor
+        )
+
+
+@dataclass(frozen=True)
+class Account:
+    account_id: str
+    currency: str
+    kind: str
+    overdraft_limit_minor: int | None
+    metadata: dict[str, Any]
+    opened_seq: int
+    opened_at: datetime
+    position: Position
+
+
+@dataclass(frozen=True)
+class StreamHead:
+    stream_id: str
+    version: int
+    state: str
+    last_hash: bytes
+    last_seq: int | None
+
+    @property
+    def closed(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+
+class EventStore:
+    """The ledger's store: appends through psycopg's pool, reads through SQLAlchemy."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        appends: AsyncConnectionPool,
+        *,
+        append_attempts_max: int = APPEND_ATTEMPTS_MAX,
+        owns_engine: bool = False,
+    ) -> None:
+        self.engine = engine
+        self.appends = appends
+        self.append_attempts_max = append_attempts_max
+        self._owns_engine = owns_engine
+
+    @classmethod
+    async def open(
+        cls,
+        urls: DatabaseUrls,
+        *,
+        pool_size: int = 10,
+        engine: AsyncEngine | None = None,
+    ) -> EventStore:
+        """A store on these URLs, acting as the application role. Close it when done.
+
+        Pass `engine` to share an existing engine for reads; otherwise the store makes
+        (and later disposes of) its own.
+        """
+        appends: AsyncConnectionPool = AsyncConnectionPool(
+            to_libpq_url(urls.app_login_url),
+            kwargs={"autocommit": True, "row_factory": namedtuple_row, **urls.app_connect_args()},
+            min_size=pool_size,
+            max_size=pool_size,
+            open=False,
+            name="ledger-appends",
+        )
+        await appends.open()
+        owns_engine = engine is None
+        if engine is None:
+            engine = create_app_engine(urls, pool_size=pool_size, pool_overflow_max=pool_size)
+        return cls(engine, appends, owns_engine=owns_engine)
+
+    async def close(self) -> None:
+        await self.appends.close()
+        if self._owns_engine:
+            await self.engine.dispose()
+
+    # --- writing --------------------------------------------------------------------------
+    async def append(self, new: NewEvent, *, expected_version: int | None = None) -> AppendResult:
+        """Append one event. Idempotent by event id; refusals are domain errors."""
+        allowed = transitions_for(new.stream_id, new.event.event_type)
+        payload = new.event.payload()
+        payload_json = canonical_json(payload).decode()
+        if "\\u0000" in payload_json:
+            raise errors.InvalidPostings("text in an event may not contain NUL characters")
+        params = {
+            "event_id": new.event_id,
+            "stream_id": new.stream_id,
+            "event_type": new.event.event_type,
+            "schema_version": new.event.schema_version,
+            "payload": payload_json,
+            "content": content_digest(
+                stream_id=new.stream_id,
+                event_id=new.event_id,
+                event_type=new.event.event_type,
+                schema_version=new.event.schema_version,
+                payload=payload,
+                actor=new.actor,
+                correlation_id=new.correlation_id,
+                causation_id=new.causation_id,
+                attempt=new.attempt,
+            ),
+            "actor": new.actor,
+            "correlation_id": new.correlation_id,
+            "causation_id": new.causation_id,
+            "attempt": new.attempt,
+            "from_states": list(allowed),
+            "to_states": list(allowed.values()),
+            "expected_version": expected_version,
+        }
+        row = await self._append_with_retries(new, params)
+        return AppendResult(
+            event=RecordedEvent(
+                global_seq=row.global_seq,
+                stream_id=new.stream_id,
+                stream_version=row.stream_version,
+                event_id=new.event_id,
+                event_type=new.event.event_type,
+                schema_version=new.event.schema_version,
+                payload=payload,
+                actor=row.actor,
+                correlation_id=row.correlation_id,
+                causation_id=row.causation_id,
+                attempt=row.attempt,
+                recorded_at=row.recorded_at,
+                prev_hash=bytes(row.prev_hash),
+                hash=bytes(row.hash),
+            ),
+            appended=row.appended,
+        )
+
+    async def _append_with_retries(self, new: NewEvent, params: dict[str, Any]) -> Any:
+        for attempt in range(1, self.append_attempts_max + 1):
+            try:
+                async with self.appends.connection() as conn:
+                    cursor = await conn.execute(_APPEND, params)
+                    return await cursor.fetchone()
+            except (psycopg.Error, PoolTimeout) as error:
+                if isinstance(error, psycopg.Error):
+                    domain = _domain_error(error, new)
+                    if domain is not None:
+                        raise domain from None
+                transient = isinstance(error, psycopg.OperationalError | PoolTimeout) or (
+                    getattr(error, "sqlstate", None) in _RETRYABLE_SQLSTATES
+                )
+                if not transient:
+                    raise
+                if attempt == self.append_attempts_max:
+                    raise errors.StoreUnavailable(
+                        f"append of {new.event.event_type} to {new.stream_id} failed "
+                        f"{attempt} times: {error}",
+                    ) from error
+                delay_s = min(APPEND_BACKOFF_S_MAX, 0.01 * 2**attempt) * random.uniform(0.5, 1)
+                log.warning(
+                    "transient append failure, retrying",
+                    extra={"stream_id": new.stream_id, "attempt": attempt, "error": str(error)},
+                )
+                await asyncio.sleep(delay_s)
+        raise AssertionError("unreachable: the loop returns or raises")
+
+    async def open_account(
+        self,
+        opened: AccountOpened,
+        *,
+        actor: str,
+        event_id: uuid.UUID | None = None,
+        correlation_id: str | None = None,
+    ) -> AppendResult:
+        """Open an account: an `AccountOpened` event in the account's own stream."""
+        return await self.append(
+            NewEvent(
+                stream_id=account_stream(opened.account_id),
+                event=opened,
+                event_id=event_id or uuid.uuid4(),
+                actor=actor,
+                correlation_id=correlation_id,
+            )
+        )
+
+    # --- reading --------------------------------------------------------------------------
+    async def read_stream(self, stream_id: str) -> list[RecordedEvent]:
+        """A stream's events in order."""
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(_READ_STREAM, {"stream_id": stream_id})
+            return [_recorded(row) for row in rows]
+
+    async def read_range(self, *, after_seq: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+        """Events with global_seq > after_seq, in global order, at most `limit`."""
+        if not 1 <= limit <= READ_LIMIT_MAX:
+            raise ValueError(f"limit must be between 1 and {READ_LIMIT_MAX}")
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(_READ_RANGE, {"after_seq": after_seq, "limit": limit})
+            return [_recorded(row) for row in rows]
+
+    async def read_events(self, event_ids: Sequence[uuid.UUID]) -> list[RecordedEvent]:
+        if not event_ids:
+            return []
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(_READ_BY_IDS, {"event_ids": list(event_ids)})
+            return [_recorded(row) for row in rows]
+
+    async def stream_head(self, stream_id: str) -> StreamHead | None:
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    text(
+                        "SELECT stream_id, version, state, last_hash, last_seq FROM streams "
+                        "WHERE stream_id = :stream_id"
+                    ),
+                    {"stream_id": stream_id},
+                )
+            ).one_or_none()
+        if row is None:
+            return None
+        return StreamHead(row.stream_id, row.version, row.state, bytes(row.last_hash), row.last_seq)
+
+    async def get_position(self, account_id: str) -> Position:
+        """The position as of every committed append: a strongly consistent read."""
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    text(
+                        f"SELECT {_POSITION_COLUMNS} FROM account_positions p "
+                        "WHERE p.account_id = :id"
+                    ),
+                    {"id": account_id},
+                )
+            ).one_or_none()
+        if row is None:
+            raise errors.UnknownAccount(f"no account {account_id!r}", account_id=account_id)
+        return _position(row)
+
+    async def get_account(self, account_id: str) -> Account | None:
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    text(
+                        "SELECT a.kind, a.metadata, a.opened_seq, e.recorded_at AS opened_at, "
+                        f"{_POSITION_COLUMNS} FROM accounts a "
+                        "JOIN account_positions p USING (account_id) "
+                        "JOIN events e ON e.global_seq = a.opened_seq "
+                        "WHERE a.account_id = :id"
+                    ),
+                    {"id": account_id},
+                )
+            ).one_or_none()
+        if row is None:
+            return None
+        return Account(
+            account_id=row.account_id,
+            currency=row.currency,
+            kind=row.kind,
+            overdraft_limit_minor=row.overdraft_limit_minor,
+            metadata=row.metadata,
+            opened_seq=row.opened_seq,
+            opened_at=row.opened_at,
+            position=_position(row),
+        )
+
+
+def _recorded(row: Any) -> RecordedEvent:
+    return RecordedEvent(
+        global_seq=row.global_seq,
+        stream_id=row.stream_id,
+        stream_version=row.stream_version,
+        event_id=row.event_id,
+        event_type=row.event_type,
+        schema_version=row.schema_version,
+        payload=row.payload,
+        actor=row.actor,
+        correlation_id=row.correlation_id,
+        causation_id=row.causation_id,
+        attempt=row.attempt,
+        recorded_at=row.recorded_at,
+        prev_hash=bytes(row.prev_hash),
+        hash=bytes(row.hash),
+    )
+
+
+def _position(row: Any) -> Position:
+    return Position(
+        account_id=row.account_id,
+        currency=row.currency,
+        overdraft_limit_minor=row.overdraft_limit_minor,
+        debits_pending=row.debits_pending,
+        debits_posted=row.debits_posted,
+        credits_pending=row.credits_pending,
+        credits_posted=row.credits_posted,
+        last_seq=row.last_seq,
+    )
+
+
+def _diag(error: psycopg.Error) -> tuple[str, dict[str, Any]]:
+    diag = error.diag
+    message = str(diag.message_primary or error)
+    detail_text = diag.message_detail
+    details: dict[str, Any] = {}
+    if detail_text:
+        try:
+            parsed = json.loads(detail_text)
+            details = parsed if isinstance(parsed, dict) else {"detail": parsed}
+        except ValueError:
+            details = {"detail": detail_text}
+    return message, details
+
+
+def _domain_error(error: psycopg.Error, new: NewEvent) -> errors.LedgerError | None:
+    """The domain error a database refusal stands for, or None if it is not one."""
+    state = error.sqlstate
+    if state is None:
+        return None
+    message, details = _diag(error)
+    details.update(stream_id=new.stream_id, event_type=new.event.event_type)
+    constraint = error.diag.constraint_name
+    if state == "PS001":
+        if new.event.event_type == "AccountOpened" and details.get("state") == "open":
+            return errors.AccountExists(f"account {new.stream_id} already exists", **details)
+        if details.get("state") in TERMINAL_STATES:
+            return errors.StreamClosed(
+                f"{new.stream_id} is closed ({details['state']}); "
+                f"{new.event.event_type} may not follow",
+                **details,
+            )
+        return errors.InvalidTransition(message, **details)
+    simple: dict[str, type[errors.LedgerError]] = {
+        "PS002": errors.IdempotencyConflict,
+        "PS003": errors.InsufficientFunds,
+        "PS004": errors.UnknownAccount,
+        "PS005": errors.CurrencyMismatch,
+        "PS006": errors.WrongExpectedVersion,
+        "PS007": errors.InvalidPostings,
+        "22003": errors.AmountOutOfRange,
+    }
+    if state in simple:
+        return simple[state](message, **details)
+    if state == "23505" and constraint == "events_event_id_key":
+        return errors.IdempotencyConflict(
+            f"event id {new.event_id} is already used by another stream", **details
+        )
+    if state == "23514" and constraint == "positions_within_overdraft":
+        return errors.InsufficientFunds(message, **details)
+    if state == "23514":
+        return errors.InvalidPostings(message, constraint=constraint, **details)
+    return None
