@@ -5,6 +5,7 @@ Fixtures, from the widest scope:
 - `pg_server` (session): PostgreSQL with the migrated template database.
 - `database` (test): a fresh clone of the template, dropped afterwards.
 - `app_engine`, `owner_engine` (test): async engines on that database, as each role.
+- `store` (test): the event store on `app_engine`.
 - `temporal_env` (session): the Temporal dev server; `temporal_client` its client.
 - `time_skipping_env` (session): the time-skipping server, started on first use.
 - `task_queue` (test): a queue of the test's own, so workers never steal each other's tasks.
@@ -24,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
+from ledger.store import EventStore
 from paysaga.db import create_app_engine, create_owner_engine
 from paysaga.settings import Settings
 from tests.harness.postgres import IsolatedDatabase, PostgresServer, postgres_server
@@ -75,6 +77,14 @@ async def owner_engine(database: IsolatedDatabase) -> AsyncIterator[AsyncEngine]
     engine = create_owner_engine(database.urls)
     yield engine
     await engine.dispose()
+
+
+@pytest.fixture
+async def store(database: IsolatedDatabase, app_engine: AsyncEngine) -> AsyncIterator[EventStore]:
+    """The event store, as the services use it: through the application role."""
+    store = await EventStore.open(database.urls, pool_size=4, engine=app_engine)
+    yield store
+    await store.close()
 
 
 # --- Temporal -------------------------------------------------------------------------------
