@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import uuid
 
 import psycopg
@@ -17,7 +18,7 @@ from ledger.store import EventStore, NewEvent
 from ledger.verify import check_ledger, verify_chain
 from paysaga.db import to_libpq_url
 from tests.harness.ledger import Payment, fund, open_account
-from tests.harness.postgres import IsolatedDatabase
+from tests.harness.postgres import IsolatedDatabase, PostgresServer
 
 
 @pytest.fixture
@@ -403,3 +404,26 @@ async def test_a_merchant_can_spend_what_it_was_paid_whichever_stripe_holds_it(
         await Payment(accounts, "bob", "alice", 1).run("initiated", "authorized", "reserved")
     bob = await accounts.get_position("bob")
     assert (bob.posted_minor, bob.available_minor) == (0, 0)
+
+
+async def test_a_lost_connection_is_retried_inside_the_store(
+    accounts: EventStore,
+    database: IsolatedDatabase,
+    app_engine: AsyncEngine,
+    pg_server: PostgresServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    payment = Payment(accounts, "alice", "bob", 100)
+    await payment.run("initiated")
+    # Every pooled connection dies under the store's feet (a failover, a restart).
+    with pg_server.admin() as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid()",
+            (database.name,),
+        )
+    with caplog.at_level(logging.WARNING, logger="paysaga.ledger"):
+        result = await accounts.append(payment.authorized())
+    assert result.appended
+    assert any("retrying" in record.message for record in caplog.records)
+    assert await _count(app_engine, payment.stream_id) == 2
