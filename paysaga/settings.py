@@ -108,6 +108,67 @@ class Settings(BaseSettings):
         "on SIGTERM before they are cancelled (and retried elsewhere).",
     )
 
+    # --- Payments (captured into each payment's policy when it starts) -----------------
+    approval_threshold_minor: int = Field(
+        default=1_000_000,
+        ge=1,
+        le=2**63 - 1,
+        description="PAYSAGA_APPROVAL_THRESHOLD_MINOR: at or above this amount, a payment "
+        "waits for an operator's approval.",
+    )
+    approval_deadline_s: int = Field(
+        default=86_400,
+        ge=1,
+        le=30 * 86_400,
+        description="PAYSAGA_APPROVAL_DEADLINE_S: an approval not given by then rejects the "
+        "payment.",
+    )
+    hold_expiry_s: int = Field(
+        default=3_600,
+        ge=1,
+        le=30 * 86_400,
+        description="PAYSAGA_HOLD_EXPIRY_S: a hold not settled by then is released.",
+    )
+    processor_timeout_s: int = Field(
+        default=30, ge=1, le=3_600, description="PAYSAGA_PROCESSOR_TIMEOUT_S: per call."
+    )
+    processor_heartbeat_s: int = Field(
+        default=5,
+        ge=1,
+        le=600,
+        description="PAYSAGA_PROCESSOR_HEARTBEAT_S: a processor call silent this long is "
+        "presumed lost (its worker died) and retried.",
+    )
+    processor_attempts_max: int = Field(
+        default=3, ge=1, le=20, description="PAYSAGA_PROCESSOR_ATTEMPTS_MAX"
+    )
+    risk_payment_limit_minor: int = Field(
+        default=10**12,
+        ge=1,
+        le=2**63 - 1,
+        description="PAYSAGA_RISK_PAYMENT_LIMIT_MINOR: the largest single payment.",
+    )
+    risk_velocity_window_s: int = Field(
+        default=60, ge=1, le=86_400, description="PAYSAGA_RISK_VELOCITY_WINDOW_S"
+    )
+    risk_velocity_count_max: int = Field(
+        default=10_000,
+        ge=1,
+        le=10**9,
+        description="PAYSAGA_RISK_VELOCITY_COUNT_MAX: payments one payer may start per window. "
+        "External (funding) accounts are exempt.",
+    )
+    fee_bps: int = Field(
+        default=0, ge=0, le=10_000, description="PAYSAGA_FEE_BPS: fee in basis points."
+    )
+    fee_fixed_minor: int = Field(
+        default=0, ge=0, le=2**63 - 1, description="PAYSAGA_FEE_FIXED_MINOR"
+    )
+    fees_account_id: str | None = Field(
+        default=None,
+        description="PAYSAGA_FEES_ACCOUNT_ID: where fees go; required if a fee is set.",
+    )
+
     # --- API --------------------------------------------------------------------------
     api_host: str = Field(default="127.0.0.1", description="PAYSAGA_API_HOST")
     api_port: int = Field(default=8000, ge=1, le=65535, description="PAYSAGA_API_PORT")
@@ -122,6 +183,12 @@ class Settings(BaseSettings):
     log_json: bool = Field(
         default=True, description="PAYSAGA_LOG_JSON: structured JSON logs (one object per line)."
     )
+
+    @model_validator(mode="after")
+    def _fees_need_an_account(self) -> Settings:
+        if (self.fee_bps or self.fee_fixed_minor) and not self.fees_account_id:
+            raise ValueError("a fee is configured but PAYSAGA_FEES_ACCOUNT_ID is not")
+        return self
 
     @model_validator(mode="after")
     def _refuse_placeholder_secrets(self) -> Settings:
