@@ -18,9 +18,14 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
+from activities.ledger import LedgerActivities
+from activities.processor import Authorizer, ProcessorActivities, SimulatedProcessor
+from ledger.store import EventStore
+from paysaga.db import database_urls
 from paysaga.settings import Settings
 from paysaga.temporal import connect
 from workflows.diagnostics import PingWorkflow
+from workflows.payment import PaymentWorkflow
 
 log = logging.getLogger("paysaga.worker")
 
@@ -28,7 +33,7 @@ log = logging.getLogger("paysaga.worker")
 # this each run re-imports them (about 11x slower). They are deterministic to use.
 SANDBOX_PASSTHROUGH_MODULES = ("pydantic", "pydantic_core", "sqlalchemy", "ledger", "workflows")
 
-WORKFLOWS: Sequence[type] = (PingWorkflow,)
+WORKFLOWS: Sequence[type] = (PaymentWorkflow, PingWorkflow)
 
 
 def sandbox_runner() -> SandboxedWorkflowRunner:
@@ -60,10 +65,21 @@ def build_worker(
     )
 
 
+def payment_activities(store: EventStore, authorizer: Authorizer | None = None) -> list[Any]:
+    """Every activity the saga calls: the ledger's, and the processor's (the simulator
+    unless another `Authorizer` is given)."""
+    processor = ProcessorActivities(authorizer or SimulatedProcessor(store.engine))
+    return [*LedgerActivities(store).all(), *processor.all()]
+
+
 async def run_worker(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
     client = await connect(settings)
-    worker = build_worker(client, settings)
+    # One connection per concurrent local activity is all the ledger can use.
+    store = await EventStore.open(
+        database_urls(settings), pool_size=min(settings.worker_local_activities_max, 32)
+    )
+    worker = build_worker(client, settings, activities=payment_activities(store))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -72,9 +88,12 @@ async def run_worker(settings: Settings) -> None:
         "worker started",
         extra={"task_queue": settings.task_queue, "namespace": settings.temporal_namespace},
     )
-    async with worker:
-        await stop.wait()
-        log.info("worker stopping: finishing in-flight activities")
+    try:
+        async with worker:
+            await stop.wait()
+            log.info("worker stopping: finishing in-flight activities")
+    finally:
+        await store.close()
     log.info("worker stopped")
 
 

@@ -1,0 +1,213 @@
+"""The payment processor: a pluggable `Authorizer`, and the simulator that is the default.
+
+The processor is the one external system in a payment. Its calls are **regular**
+activities (they can be slow, so they heartbeat, and a worker that dies mid-call is
+noticed by the heartbeat timeout and the call retried elsewhere). They are
+idempotent by payment id, as real processors are by idempotency key: authorizing the
+same payment twice returns the first authorization, and voiding twice voids once.
+
+The simulator keeps its state in PostgreSQL (`processor_authorizations`, and every
+call in `processor_calls`), so that tests can prove, for instance, that each
+authorization was voided exactly once. A payment's `metadata.simulate` steers it:
+
+| value     | behaviour                                                           |
+|-----------|---------------------------------------------------------------------|
+| `decline` | the processor declines                                              |
+| `timeout` | the processor never answers within the activity timeout            |
+| `flaky`   | fails twice, then succeeds                                          |
+| `slow`    | answers after `metadata.simulate_delay_s` seconds (10 by default)   |
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Protocol
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+from temporalio import activity
+
+from workflows.models import AuthorizationRequest, AuthorizationResult, VoidRequest, VoidResult
+
+SLOW_DELAY_S_DEFAULT = 10.0
+SLOW_DELAY_S_MAX = 3_600.0
+HEARTBEAT_EVERY_S = 0.5
+FLAKY_FAILURES = 2
+
+
+class ProcessorUnavailable(Exception):
+    """Transient: the processor could not be reached. Retried."""
+
+
+class Authorizer(Protocol):
+    """What paysaga needs from a payment processor."""
+
+    name: str
+
+    async def authorize(self, request: AuthorizationRequest, attempt: int) -> AuthorizationResult:
+        """Authorize the payment (idempotent by payment id), or decline it."""
+        ...
+
+    async def void(self, request: VoidRequest, attempt: int) -> VoidResult:
+        """Void the payment's authorization, if there is one (idempotent)."""
+        ...
+
+
+def _heartbeat(details: str) -> None:
+    if activity.in_activity():
+        activity.heartbeat(details)
+
+
+class SimulatedProcessor:
+    """The built-in processor simulator, steered by `metadata.simulate`."""
+
+    name = "simulator"
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def _log(self, payment_id: str, operation: str, outcome: str, attempt: int) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "INSERT INTO processor_calls (payment_id, operation, outcome, attempt) "
+                    "VALUES (:p, :op, :outcome, :attempt)"
+                ),
+                {"p": payment_id, "op": operation, "outcome": outcome, "attempt": attempt},
+            )
+
+    async def authorize(self, request: AuthorizationRequest, attempt: int) -> AuthorizationResult:
+        behaviour = request.metadata.get("simulate")
+        if behaviour == "decline":
+            await self._log(request.payment_id, "authorize", "declined", attempt)
+            return AuthorizationResult(
+                approved=False, decline_reason="do not honour (simulated)", processor=self.name
+            )
+        if behaviour == "timeout":
+            await self._log(request.payment_id, "authorize", "unanswered", attempt)
+            # Never answer, and never heartbeat: the activity's timeout decides.
+            await asyncio.sleep(SLOW_DELAY_S_MAX)
+        if behaviour == "flaky" and attempt <= FLAKY_FAILURES:
+            await self._log(request.payment_id, "authorize", "failed", attempt)
+            raise ProcessorUnavailable(f"processor unavailable (simulated, attempt {attempt})")
+        if behaviour == "slow":
+            delay_s = _delay_s(request.metadata.get("simulate_delay_s"))
+            waited_s = 0.0
+            while waited_s < delay_s:
+                _heartbeat(f"waiting for the processor: {waited_s:.1f}/{delay_s:.1f} s")
+                step_s = min(HEARTBEAT_EVERY_S, delay_s - waited_s)
+                await asyncio.sleep(step_s)
+                waited_s += step_s
+        return await self._authorize(request, attempt)
+
+    async def _authorize(self, request: AuthorizationRequest, attempt: int) -> AuthorizationResult:
+        async with self.engine.begin() as conn:
+            created = (
+                await conn.execute(
+                    text(
+                        "INSERT INTO processor_authorizations "
+                        "(payment_id, authorization_id, amount_minor, currency, status) "
+                        "VALUES (:p, :a, :amount, :currency, 'authorized') "
+                        "ON CONFLICT (payment_id) DO NOTHING RETURNING authorization_id"
+                    ),
+                    {
+                        "p": request.payment_id,
+                        "a": f"sim-auth-{uuid.uuid4().hex[:16]}",
+                        "amount": request.amount_minor,
+                        "currency": request.currency,
+                    },
+                )
+            ).scalar_one_or_none()
+            if created is None:
+                existing = (
+                    await conn.execute(
+                        text(
+                            "SELECT authorization_id, status FROM processor_authorizations "
+                            "WHERE payment_id = :p"
+                        ),
+                        {"p": request.payment_id},
+                    )
+                ).one()
+            outcome = "authorized" if created else "replayed"
+            await conn.execute(
+                text(
+                    "INSERT INTO processor_calls (payment_id, operation, outcome, attempt) "
+                    "VALUES (:p, 'authorize', :outcome, :attempt)"
+                ),
+                {"p": request.payment_id, "outcome": outcome, "attempt": attempt},
+            )
+        if created is not None:
+            return AuthorizationResult(approved=True, authorization_id=created, processor=self.name)
+        if existing.status == "voided":
+            return AuthorizationResult(
+                approved=False, decline_reason="the authorization was voided", processor=self.name
+            )
+        return AuthorizationResult(
+            approved=True, authorization_id=existing.authorization_id, processor=self.name
+        )
+
+    async def void(self, request: VoidRequest, attempt: int) -> VoidResult:
+        async with self.engine.begin() as conn:
+            voided = (
+                await conn.execute(
+                    text(
+                        "UPDATE processor_authorizations "
+                        "SET status = 'voided', voided_at = clock_timestamp() "
+                        "WHERE payment_id = :p AND status = 'authorized' "
+                        "RETURNING authorization_id"
+                    ),
+                    {"p": request.payment_id},
+                )
+            ).scalar_one_or_none()
+            existing = None
+            if voided is None:
+                existing = (
+                    await conn.execute(
+                        text(
+                            "SELECT authorization_id FROM processor_authorizations "
+                            "WHERE payment_id = :p"
+                        ),
+                        {"p": request.payment_id},
+                    )
+                ).scalar_one_or_none()
+            outcome = "voided" if voided else ("already_voided" if existing else "nothing_to_void")
+            await conn.execute(
+                text(
+                    "INSERT INTO processor_calls (payment_id, operation, outcome, attempt) "
+                    "VALUES (:p, 'void', :outcome, :attempt)"
+                ),
+                {"p": request.payment_id, "outcome": outcome, "attempt": attempt},
+            )
+        return VoidResult(voided=voided is not None, authorization_id=voided or existing)
+
+
+def _delay_s(raw: object) -> float:
+    if isinstance(raw, int) and not isinstance(raw, bool) and 0 <= raw <= SLOW_DELAY_S_MAX:
+        return float(raw)
+    if isinstance(raw, str):
+        try:
+            value = float(raw)
+        except ValueError:
+            return SLOW_DELAY_S_DEFAULT
+        if 0 <= value <= SLOW_DELAY_S_MAX:
+            return value
+    return SLOW_DELAY_S_DEFAULT
+
+
+class ProcessorActivities:
+    """Processor calls as activities, over any `Authorizer`."""
+
+    def __init__(self, authorizer: Authorizer) -> None:
+        self.authorizer = authorizer
+
+    @activity.defn(name="processor.authorize")
+    async def authorize(self, request: AuthorizationRequest) -> AuthorizationResult:
+        return await self.authorizer.authorize(request, activity.info().attempt)
+
+    @activity.defn(name="processor.void")
+    async def void(self, request: VoidRequest) -> VoidResult:
+        return await self.authorizer.void(request, activity.info().attempt)
+
+    def all(self) -> list[object]:
+        return [self.authorize, self.void]

@@ -1,0 +1,59 @@
+"""Risk rules: checked before the processor sees a payment.
+
+- **payment limit**: no single payment above `risk_payment_limit_minor`;
+- **velocity**: no payer starts more than `risk_velocity_count_max` payments within a
+  sliding `risk_velocity_window_s`. Funding accounts (kind `external`) are exempt:
+  bulk funding is ordinary traffic for them.
+
+A declined payment names the rule that declined it.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import text
+
+from ledger.store import EventStore
+from workflows.models import RiskDecision, RiskInput
+
+_RECENT_PAYMENTS = text(
+    """
+    SELECT count(*) FROM events
+     WHERE event_type = 'PaymentInitiated'
+       AND payload->>'payer_account_id' = :payer
+       AND recorded_at > clock_timestamp() - make_interval(secs => :window_s)
+       AND stream_id <> :stream_id
+    """
+)
+
+
+async def assess(store: EventStore, risk: RiskInput) -> RiskDecision:
+    policy = risk.policy
+    if risk.amount_minor > policy.risk_payment_limit_minor:
+        return RiskDecision(
+            approved=False,
+            rule="payment_limit",
+            reason=f"amount {risk.amount_minor} exceeds the per-payment limit of "
+            f"{policy.risk_payment_limit_minor}",
+        )
+    payer = await store.get_account(risk.payer_account_id)
+    if payer is not None and payer.kind == "external":
+        return RiskDecision(approved=True)
+    async with store.engine.connect() as conn:
+        recent = (
+            await conn.execute(
+                _RECENT_PAYMENTS,
+                {
+                    "payer": risk.payer_account_id,
+                    "window_s": policy.risk_velocity_window_s,
+                    "stream_id": f"payment-{risk.payment_id}",
+                },
+            )
+        ).scalar_one()
+    if recent >= policy.risk_velocity_count_max:
+        return RiskDecision(
+            approved=False,
+            rule="velocity",
+            reason=f"payer {risk.payer_account_id} started {recent} payments in the last "
+            f"{policy.risk_velocity_window_s} s (limit {policy.risk_velocity_count_max})",
+        )
+    return RiskDecision(approved=True)
