@@ -10,6 +10,7 @@ Fixtures, from the widest scope:
 - `time_skipping_env` (session): the time-skipping server, started on first use.
 - `task_queue` (test): a queue of the test's own, so workers never steal each other's tasks.
 - `settings` (test): Settings pointing at all of the above.
+- `payments` (test): a worker with the real activities, and a helper to start payments.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from ledger.store import EventStore
 from paysaga.db import create_app_engine, create_owner_engine
 from paysaga.settings import Settings
 from tests.harness.postgres import IsolatedDatabase, PostgresServer, postgres_server
+from tests.harness.saga import Payments
 from tests.harness.temporal import start_dev_server, start_time_skipping_server
+from worker import build_worker, payment_activities
 
 # --- exit code ------------------------------------------------------------------------------
 # A process that used a Temporal client can abort at interpreter exit with
@@ -110,6 +113,19 @@ def temporal_client(temporal_env: WorkflowEnvironment) -> Client:
 @pytest.fixture
 def task_queue() -> str:
     return f"test-{uuid.uuid4()}"
+
+
+# --- The payment saga -----------------------------------------------------------------------
+@pytest.fixture
+async def payments(
+    temporal_client: Client, store: EventStore, settings: Settings, task_queue: str
+) -> AsyncIterator[Payments]:
+    """A worker with the real activities on the test's queue, and a way to start payments."""
+    activities = payment_activities(store)
+    async with build_worker(
+        temporal_client, settings, task_queue=task_queue, activities=activities
+    ):
+        yield Payments(temporal_client, store, task_queue)
 
 
 # --- Settings -------------------------------------------------------------------------------

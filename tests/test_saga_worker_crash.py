@@ -1,0 +1,94 @@
+"""A worker killed in the middle of a payment: a new one finishes it, nothing is duplicated."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+from temporalio.client import Client
+
+from ledger.store import EventStore
+from paysaga.settings import Settings
+from tests.harness.ledger import fund, open_account
+from tests.harness.saga import TEST_POLICY, Payments, wait_for, wait_for_state
+from tests.harness.stack import clean_env
+from workflows.payment import PaymentWorkflow
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def worker_processes(settings: Settings) -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for process in started:
+        process.kill()
+        process.wait()
+
+
+def _start_worker(
+    settings: Settings, started: list[subprocess.Popen[bytes]]
+) -> subprocess.Popen[bytes]:
+    env = clean_env(
+        DATABASE_URL=str(settings.database_url),
+        TEMPORAL_ADDRESS=settings.temporal_target,
+        TEMPORAL_NAMESPACE=settings.temporal_namespace,
+        PAYSAGA_TASK_QUEUE=settings.task_queue,
+        PAYSAGA_WORKER_SHUTDOWN_GRACE_S="1",
+    )
+    if settings.database_app_url:
+        env["DATABASE_APP_URL"] = settings.database_app_url
+    process = subprocess.Popen([sys.executable, "-m", "paysaga", "worker"], env=env)
+    started.append(process)
+    return process
+
+
+async def test_a_payment_survives_its_worker_being_killed(
+    store: EventStore,
+    settings: Settings,
+    temporal_client: Client,
+    worker_processes: list[subprocess.Popen[bytes]],
+) -> None:
+    await open_account(store, "alice")
+    await open_account(store, "bob", kind="merchant")
+    await fund(store, "alice", 10_000)
+    payments = Payments(temporal_client, store, settings.task_queue)
+    first = _start_worker(settings, worker_processes)
+    policy = TEST_POLICY.model_copy(
+        update={"processor_heartbeat_s": 1, "processor_attempts_max": 3}
+    )
+    handle = await payments.start(
+        "alice", "bob", 2_500, metadata={"simulate": "slow", "simulate_delay_s": 8}, policy=policy
+    )
+    payment_id = handle.id.removeprefix("payment-")
+    # Mid-payment: initiated in the ledger, the processor call under way.
+    await wait_for_state(handle, lambda s: "processor" in (s.waiting_for or ""), timeout_s=60)
+    assert await payments.event_types(payment_id) == ["PaymentInitiated"]
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+
+    _start_worker(settings, worker_processes)
+    outcome = await handle.result()
+    assert outcome.status == "SETTLED"
+    events = await store.read_stream(f"payment-{payment_id}")
+    assert [e.event_type for e in events] == [
+        "PaymentInitiated",
+        "PaymentAuthorized",
+        "FundsReserved",
+        "PaymentSettled",
+    ]
+    assert len({e.event_id for e in events}) == 4
+    calls = await payments.processor_calls(payment_id)
+    assert calls.count(("authorize", "authorized")) == 1
+    state = await handle.query(PaymentWorkflow.status)
+    assert state.status == "SETTLED"
+    assert (await store.get_position("bob")).credits_posted == 2_500
+
+    async def settled_listed() -> bool:
+        query = f'WorkflowId="{handle.id}" AND PaymentStatus="SETTLED"'
+        return bool([wf async for wf in temporal_client.list_workflows(query)])
+
+    await wait_for(settled_listed, what="visibility")
