@@ -6,12 +6,14 @@ refusals (insufficient funds, an invalid transition) become non-retryable
 `ApplicationError`s whose `type` is the ledger error's stable code; anything else is
 raised as is, and retried.
 
-The workflow runs these as **local activities**. Measured with bench/e2e_workflow.py
-on the dev server with its SQLite file, local ledger appends run the saga about
-twice as fast as regular ones (each regular activity costs a task round trip through
-the server and a history write), and they are as safe: a local activity that ran
-but whose result was lost is simply run again, and its deterministic event id makes
-the repeat a no-op.
+The workflow runs these as **local activities**: measured with bench/e2e_workflow.py
+(200 payments, 20 at a time, dev server with its SQLite file, 2 cores), the saga ran
+18.1 payments/s with local ledger steps and 7.7 payments/s with regular ones, against
+11.1 and 11.6 for the no-op floor in the same runs. A regular activity costs a task
+round trip through the server and history writes; a local one runs inside the
+workflow task. They are as safe here: a local activity whose result was lost is run
+again, and its deterministic event id makes the repeat a no-op. The processor call
+stays a regular activity: it can be slow, so it heartbeats.
 """
 
 from __future__ import annotations

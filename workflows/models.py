@@ -51,6 +51,9 @@ class PaymentPolicy(_Model):
     fee_bps: Annotated[int, Field(ge=0, le=10_000)] = 0
     fee_fixed_minor: NonNegativeMinor = 0
     fees_account_id: AccountId | None = None
+    # Ledger steps as local activities (the default: measured faster, see
+    # activities/ledger.py) or as regular ones (for comparison, bench/e2e_workflow.py).
+    ledger_activities: Literal["local", "regular"] = "local"
 
 
 class PaymentRequest(_Model):

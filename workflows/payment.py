@@ -201,7 +201,7 @@ class PaymentWorkflow:
 
         # 1. Initiate.
         self._details("Recording the payment in the ledger")
-        initiated: InitiateResult = await workflow.execute_local_activity(
+        initiated: InitiateResult = await self._ledger(
             "ledger.initiate",
             request,
             result_type=InitiateResult,
@@ -216,7 +216,7 @@ class PaymentWorkflow:
         # 2. Authorize: risk rules, then the processor.
         self._set(step="authorize")
         self._details("Checking the risk rules")
-        risk: RiskDecision = await workflow.execute_local_activity(
+        risk: RiskDecision = await self._ledger(
             "ledger.assess_risk",
             RiskInput(
                 payment_id=request.payment_id,
@@ -476,7 +476,7 @@ class PaymentWorkflow:
                 raise
             # The step raced to completion after all (a settlement that committed as its
             # hold expired): the ledger has the last word.
-            ledger_status: LedgerStatus = await workflow.execute_local_activity(
+            ledger_status: LedgerStatus = await self._ledger(
                 "ledger.payment_status",
                 request.payment_id,
                 result_type=LedgerStatus,
@@ -500,10 +500,10 @@ class PaymentWorkflow:
 
     async def _release_hold(self, reason: str) -> None:
         self._details("Compensating: releasing the hold")
-        await workflow.execute_local_activity(
+        await self._ledger(
             "ledger.release_if_reserved",
             self._compensate(reason),
-            result_type=Recorded | None,  # type: ignore[arg-type]
+            result_type=Recorded | None,
             start_to_close_timeout=LEDGER_TIMEOUT,
             retry_policy=COMPENSATION_RETRY,
             local_retry_threshold=LONG_RETRY_LOCAL_THRESHOLD,
@@ -518,10 +518,10 @@ class PaymentWorkflow:
             start_to_close_timeout=PROCESSOR_VOID_TIMEOUT,
             retry_policy=COMPENSATION_RETRY,
         )
-        await workflow.execute_local_activity(
+        await self._ledger(
             "ledger.record_void_if_authorized",
             self._compensate(reason),
-            result_type=Recorded | None,  # type: ignore[arg-type]
+            result_type=Recorded | None,
             start_to_close_timeout=LEDGER_TIMEOUT,
             retry_policy=COMPENSATION_RETRY,
             local_retry_threshold=LONG_RETRY_LOCAL_THRESHOLD,
@@ -546,7 +546,7 @@ class PaymentWorkflow:
         retry: RetryPolicy = LEDGER_RETRY,
     ) -> Recorded:
         long_retry = retry.maximum_attempts == 0
-        recorded: Recorded = await workflow.execute_local_activity(
+        recorded: Recorded = await self._ledger(
             "ledger.record_event",
             RecordEvent(
                 payment_id=self._request.payment_id,
@@ -563,6 +563,34 @@ class PaymentWorkflow:
         )
         self._last_step = step
         return recorded
+
+    async def _ledger(
+        self,
+        activity: str,
+        arg: Any,
+        *,
+        result_type: Any,
+        start_to_close_timeout: timedelta,
+        retry_policy: RetryPolicy,
+        local_retry_threshold: timedelta | None = None,
+    ) -> Any:
+        """A ledger step: a local activity, unless the policy asks for regular ones."""
+        if self._request.policy.ledger_activities == "regular":
+            return await workflow.execute_activity(
+                activity,
+                arg,
+                result_type=result_type,
+                start_to_close_timeout=start_to_close_timeout,
+                retry_policy=retry_policy,
+            )
+        return await workflow.execute_local_activity(
+            activity,
+            arg,
+            result_type=result_type,
+            start_to_close_timeout=start_to_close_timeout,
+            retry_policy=retry_policy,
+            local_retry_threshold=local_retry_threshold,
+        )
 
     def _causation(self) -> str | None:
         """Each event is caused by the previous step's (ids are deterministic)."""
