@@ -133,7 +133,7 @@ async def main() -> None:
                 AccountOpened(
                     account_id=account,
                     currency="EUR",
-                    kind=kind,  # type: ignore[arg-type]
+                    kind=kind,
                     overdraft_limit_minor=None if kind == "external" else 0,
                 ),
                 actor="bench",
@@ -143,7 +143,7 @@ async def main() -> None:
                 AccountOpened(account_id=f"payer-{i}", currency="EUR", kind="customer"),
                 actor="bench",
             )
-        settings = Settings(_env_file=None)  # type: ignore[call-arg]
+        settings = Settings(_env_file=None)
         policy = PaymentPolicy(ledger_activities=args.ledger_activities)
 
         # The floor.
