@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from temporalio.api.sdk.v1 import WorkflowMetadata
-from temporalio.client import WorkflowUpdateFailedError
+from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
 from temporalio.service import RPCError
 
 from ledger.store import EventStore
@@ -267,3 +267,36 @@ async def _equals(listed, expected: set[str]) -> bool:
 
 async def _contains(payments: Payments, query: str, workflow_id: str) -> bool:
     return workflow_id in {wf.id async for wf in payments.client.list_workflows(query)}
+
+
+async def test_a_fee_rule_posts_the_fee_to_the_fees_account(
+    bank: EventStore, payments: Payments
+) -> None:
+    with_fee = TEST_POLICY.model_copy(
+        update={"fee_bps": 150, "fee_fixed_minor": 10, "fees_account_id": "fees"}
+    )
+    outcome = await payments.run("alice", "bob", 10_000, policy=with_fee)
+    assert outcome.status == "SETTLED"
+    settled = (await bank.read_stream(f"payment-{outcome.payment_id}"))[-1]
+    assert settled.payload["fee_minor"] == 160  # 1.5 % of 100.00 EUR, plus 0.10 EUR
+    assert (await bank.get_position("bob")).credits_posted == 9_840
+    assert (await bank.get_position("fees")).credits_posted == 160
+    assert (await bank.get_position("alice")).debits_posted == 10_000
+
+
+async def test_cancelling_the_workflow_itself_still_compensates(
+    bank: EventStore, payments: Payments
+) -> None:
+    """An operator's Cancel in the Temporal UI: the saga still undoes and closes the stream."""
+    handle = await payments.start(
+        "alice", "bob", 600, metadata={"simulate": "slow", "simulate_delay_s": 30}
+    )
+    await wait_for_state(handle, lambda s: "processor" in (s.waiting_for or ""))
+    await handle.cancel()
+    with pytest.raises(WorkflowFailureError):
+        await handle.result()
+    payment_id = handle.id.removeprefix("payment-")
+    types = await payments.event_types(payment_id)
+    assert (types[0], types[-1]) == ("PaymentInitiated", "PaymentCancelled")
+    assert ("void", "nothing_to_void") in await payments.processor_calls(payment_id)
+    await _no_hold(bank)

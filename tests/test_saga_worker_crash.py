@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 import sys
@@ -37,7 +38,7 @@ def _start_worker(
         TEMPORAL_ADDRESS=settings.temporal_target,
         TEMPORAL_NAMESPACE=settings.temporal_namespace,
         PAYSAGA_TASK_QUEUE=settings.task_queue,
-        PAYSAGA_WORKER_SHUTDOWN_GRACE_S="1",
+        PAYSAGA_WORKER_SHUTDOWN_GRACE_S=str(settings.worker_shutdown_grace_s),
     )
     if settings.database_app_url:
         env["DATABASE_APP_URL"] = settings.database_app_url
@@ -92,3 +93,31 @@ async def test_a_payment_survives_its_worker_being_killed(
         return bool([wf async for wf in temporal_client.list_workflows(query)])
 
     await wait_for(settled_listed, what="visibility")
+
+
+async def test_sigterm_lets_an_in_flight_activity_finish(
+    store: EventStore,
+    settings: Settings,
+    temporal_client: Client,
+    worker_processes: list[subprocess.Popen[bytes]],
+) -> None:
+    await open_account(store, "alice")
+    await open_account(store, "bob", kind="merchant")
+    await fund(store, "alice", 10_000)
+    payments = Payments(temporal_client, store, settings.task_queue)
+    graceful = settings.model_copy(update={"worker_shutdown_grace_s": 20})
+    first = _start_worker(graceful, worker_processes)
+    handle = await payments.start(
+        "alice", "bob", 700, metadata={"simulate": "slow", "simulate_delay_s": 3}
+    )
+    await wait_for_state(handle, lambda s: "processor" in (s.waiting_for or ""), timeout_s=60)
+    first.send_signal(signal.SIGTERM)
+    # The worker waits for the processor call to finish, then exits cleanly.
+    assert await asyncio.to_thread(first.wait, 30) == 0
+    payment_id = handle.id.removeprefix("payment-")
+    assert await payments.processor_calls(payment_id) == [("authorize", "authorized")]
+    _start_worker(settings, worker_processes)
+    outcome = await handle.result()
+    assert outcome.status == "SETTLED"
+    # One authorization, not retried: the first worker finished it before leaving.
+    assert await payments.processor_calls(payment_id) == [("authorize", "authorized")]
