@@ -1,0 +1,66 @@
+"""Idempotency keys for the API, and indexes for listing payments.
+
+Revision ID: 0004
+Revises: 0003
+Create Date: 2026-11-23
+
+A key is scoped to the API key that sent it. The row outlives the workflow's history
+in Temporal: 30 days (`expires_at`), after which `paysaga` may delete it. Even then a
+repeat cannot move money twice, because the payment id derives from the two keys and
+the ledger refuses a second, different PaymentInitiated for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from alembic import op
+
+from paysaga.migrate import app_role
+
+revision: str = "0004"
+down_revision: str | None = "0003"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    role = app_role()
+    op.execute(
+        """
+        CREATE TABLE idempotency_keys (
+            api_key_id        text NOT NULL,
+            idempotency_key   text NOT NULL CHECK (length(idempotency_key) BETWEEN 1 AND 255),
+            -- What was asked: SHA-256 of the method, the path and the canonical body.
+            request_hash      bytea NOT NULL CHECK (length(request_hash) = 32),
+            state             text NOT NULL CHECK (state IN ('in_flight', 'completed')),
+            resource_id       text NOT NULL,
+            response_status   integer,
+            response_body     jsonb,
+            created_at        timestamptz NOT NULL DEFAULT now(),
+            -- A request that died mid-flight may be taken over after this moment.
+            locked_until      timestamptz NOT NULL,
+            expires_at        timestamptz NOT NULL,
+            PRIMARY KEY (api_key_id, idempotency_key),
+            CONSTRAINT idempotency_completed_has_response
+                CHECK (state = 'in_flight' OR (response_status IS NOT NULL
+                                               AND response_body IS NOT NULL))
+        );
+        CREATE INDEX idempotency_keys_expiry ON idempotency_keys (expires_at);
+
+        -- Listing payments: newest first, by payee as well as by payer.
+        CREATE INDEX events_initiated_by_seq ON events (global_seq)
+            WHERE event_type = 'PaymentInitiated';
+        CREATE INDEX events_initiated_by_payee
+            ON events ((payload->>'payee_account_id'), global_seq)
+            WHERE event_type = 'PaymentInitiated';
+        """
+    )
+    # DELETE: a request that fails before creating anything takes its key back.
+    op.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON idempotency_keys TO {role}")
+
+
+def downgrade() -> None:
+    op.execute("DROP INDEX events_initiated_by_payee")
+    op.execute("DROP INDEX events_initiated_by_seq")
+    op.execute("DROP TABLE idempotency_keys")
