@@ -1,0 +1,164 @@
+"""The HTTP API's models: one per purpose, never ORM rows or workflow internals.
+
+Requests are strict: amounts are JSON integers (a string, a float or a boolean is
+refused), currencies are ISO 4217 codes with a minor unit, unknown fields are refused,
+and free-form parts are bounded.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from ledger.events import AccountId, AccountKind, Metadata
+from ledger.money import AmountMinor, CurrencyCode, NonNegativeMinor
+from workflows.models import PaymentStatus
+
+METADATA_BYTES_MAX = 4_096
+METADATA_KEYS_MAX = 50
+REFERENCE_LENGTH_MAX = 200
+REASON_LENGTH_MAX = 500
+
+
+def _bounded_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
+    if len(metadata) > METADATA_KEYS_MAX:
+        raise ValueError(f"metadata may have at most {METADATA_KEYS_MAX} keys")
+    if len(json.dumps(metadata).encode()) > METADATA_BYTES_MAX:
+        raise ValueError(f"metadata may be at most {METADATA_BYTES_MAX} bytes as JSON")
+    return metadata
+
+
+BoundedMetadata = Annotated[Metadata, AfterValidator(_bounded_metadata)]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+
+
+# --- accounts -----------------------------------------------------------------------------
+class AccountCreate(_Request):
+    id: AccountId | None = Field(default=None, description="Chosen by the client, or generated.")
+    currency: CurrencyCode
+    kind: AccountKind
+    overdraft_limit_minor: NonNegativeMinor | None = Field(
+        default=0, description="0 by default; null (unlimited) only for `external` accounts."
+    )
+    metadata: BoundedMetadata = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _unlimited_only_for_external(self) -> AccountCreate:
+        if self.overdraft_limit_minor is None and self.kind != "external":
+            raise ValueError("only an external account may have an unlimited overdraft")
+        return self
+
+
+class PositionOut(BaseModel):
+    debits_pending: int
+    debits_posted: int
+    credits_pending: int
+    credits_posted: int
+    posted: int = Field(description="credits_posted - debits_posted")
+    pending: int = Field(description="credits_pending - debits_pending")
+    available: int | None = Field(
+        description="What may still be reserved; null for an unlimited (external) account."
+    )
+    as_of_seq: int = Field(description="The last ledger event that moved this position.")
+
+
+class AccountOut(BaseModel):
+    id: str
+    currency: str
+    kind: str
+    overdraft_limit_minor: int | None
+    metadata: dict[str, Any]
+    created_at: datetime
+    position: PositionOut
+
+
+# --- payments -----------------------------------------------------------------------------
+class PaymentCreate(_Request):
+    payer_account_id: AccountId
+    payee_account_id: AccountId
+    amount_minor: AmountMinor
+    currency: CurrencyCode
+    reference: Annotated[str, Field(max_length=REFERENCE_LENGTH_MAX)] | None = None
+    metadata: BoundedMetadata = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _distinct_accounts(self) -> PaymentCreate:
+        if self.payer_account_id == self.payee_account_id:
+            raise ValueError("payer_account_id and payee_account_id must differ")
+        return self
+
+
+class PaymentOut(BaseModel):
+    id: str
+    status: PaymentStatus
+    status_url: str
+    payer_account_id: str
+    payee_account_id: str
+    amount_minor: int
+    currency: str
+    reference: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    created_at: datetime
+    updated_at: datetime
+    failure_reason: str | None = None
+    waiting_for: str | None = Field(
+        default=None, description="What the payment waits for, while it runs."
+    )
+
+
+class PaymentList(BaseModel):
+    payments: list[PaymentOut]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page.")
+
+
+class EventOut(BaseModel):
+    global_seq: int
+    stream_id: str
+    stream_version: int
+    event_id: str
+    event_type: str
+    schema_version: int
+    payload: dict[str, Any]
+    actor: str
+    correlation_id: str | None
+    causation_id: str | None
+    recorded_at: datetime
+    prev_hash: str = Field(description="Hex SHA-256 of the previous event in the stream.")
+    hash: str = Field(description="Hex SHA-256 of this event and prev_hash.")
+
+
+class PaymentEvents(BaseModel):
+    payment_id: str
+    events: list[EventOut]
+
+
+class EventFeed(BaseModel):
+    events: list[EventOut]
+    next_after_seq: int = Field(description="Pass as `after_seq` for the next page.")
+
+
+class CancelIn(_Request):
+    reason: Annotated[str, Field(min_length=1, max_length=REASON_LENGTH_MAX)] = (
+        "cancelled on request"
+    )
+
+
+class ApproveIn(_Request):
+    note: Annotated[str, Field(max_length=REASON_LENGTH_MAX)] | None = None
+
+
+class RejectIn(_Request):
+    reason: Annotated[str, Field(min_length=1, max_length=REASON_LENGTH_MAX)]
+
+
+class ActionAccepted(BaseModel):
+    id: str
+    action: Literal["cancel", "approve", "reject"]
+    status: PaymentStatus
+    status_url: str

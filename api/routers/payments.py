@@ -1,0 +1,488 @@
+"""Payments: each one a PaymentWorkflow, its facts in the ledger.
+
+- `POST /v1/payments` starts the workflow and answers 202; with `?wait=settled` it
+  answers once the payment ends (bounded by `WAIT_SETTLED_S_MAX`), by awaiting the
+  workflow's result.
+- Reads come from the ledger when the payment has ended, and from the workflow's
+  `status` query while it runs. A closed payment never needs Temporal, so a payment
+  stays readable after its history is gone from Temporal (retention).
+- Cancel, approve and reject are Workflow Updates; a validator's refusal is a 409.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Header, Query, Response
+from sqlalchemy import text
+from temporalio.client import (
+    Client,
+    WorkflowFailureError,
+    WorkflowUpdateFailedError,
+)
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from api.deps import (
+    CancelKey,
+    OpsKey,
+    PaymentsReadKey,
+    PaymentsWriteKey,
+    SettingsDep,
+    StoreDep,
+    TemporalDep,
+)
+from api.idempotency import REPLAYED_HEADER, IdempotencyStore, derived_id, request_hash, require_key
+from api.models import (
+    ActionAccepted,
+    ApproveIn,
+    CancelIn,
+    EventOut,
+    PaymentCreate,
+    PaymentEvents,
+    PaymentList,
+    PaymentOut,
+    RejectIn,
+)
+from api.problems import COMMON_RESPONSES, FieldError, ProblemError
+from ledger.events import PAYMENT_ID_PATTERN, payment_stream
+from ledger.state_machine import PAYMENT_STATUS_BY_STATE, TERMINAL_STATES, replay
+from ledger.store import EventStore, RecordedEvent
+from paysaga.logs import payment_id_var, request_id_var, workflow_id_var
+from paysaga.payments import policy_from_settings, start_payment
+from workflows.models import (
+    TERMINAL_STATUSES,
+    ApproveRequest,
+    CancelRequest,
+    PaymentRequest,
+    PaymentState,
+    RejectRequest,
+    UpdateAccepted,
+    workflow_id_for,
+)
+from workflows.payment import PaymentWorkflow
+
+router = APIRouter(prefix="/v1/payments", tags=["payments"], responses=COMMON_RESPONSES)
+log = logging.getLogger("paysaga.api.payments")
+
+WAIT_SETTLED_S_MAX = 30.0
+LIST_LIMIT_MAX = 200
+LIST_LIMIT_DEFAULT = 50
+QUERY_TIMEOUT_S = 5.0
+_TERMINAL_REASON_FIELDS = ("reason",)
+PaymentIdPath = Annotated[str, "a payment id"]
+
+
+def status_url(payment_id: str) -> str:
+    return f"/v1/payments/{payment_id}"
+
+
+def _from_events(events: list[RecordedEvent]) -> PaymentOut:
+    initiated = events[0].payload
+    state = replay(events[0].stream_id, [e.event_type for e in events])
+    last = events[-1]
+    reason = last.payload.get("reason") if state in TERMINAL_STATES else None
+    return PaymentOut(
+        id=initiated["payment_id"],
+        status=PAYMENT_STATUS_BY_STATE[state],
+        status_url=status_url(initiated["payment_id"]),
+        payer_account_id=initiated["payer_account_id"],
+        payee_account_id=initiated["payee_account_id"],
+        amount_minor=initiated["amount_minor"],
+        currency=initiated["currency"],
+        reference=initiated.get("reference"),
+        metadata=initiated.get("metadata") or {},
+        created_at=events[0].recorded_at,
+        updated_at=last.recorded_at,
+        failure_reason=None if state == "settled" else reason,
+    )
+
+
+def _from_state(state: PaymentState, metadata: dict[str, Any]) -> PaymentOut:
+    return PaymentOut(
+        id=state.payment_id,
+        status=state.status,
+        status_url=status_url(state.payment_id),
+        payer_account_id=state.payer_account_id,
+        payee_account_id=state.payee_account_id,
+        amount_minor=state.amount_minor,
+        currency=state.currency,
+        reference=state.reference,
+        metadata=metadata,
+        created_at=state.created_at,
+        updated_at=state.updated_at,
+        failure_reason=state.failure_reason,
+        waiting_for=None if state.status in TERMINAL_STATUSES else state.waiting_for,
+    )
+
+
+async def read_payment(store: EventStore, client: Client | None, payment_id: str) -> PaymentOut:
+    """The ledger's view once the payment has ended; the workflow's while it runs."""
+    events = await store.read_stream(payment_stream(payment_id))
+    ledger_view = _from_events(events) if events else None
+    if ledger_view is not None and ledger_view.status in TERMINAL_STATUSES:
+        return ledger_view
+    if client is not None:
+        try:
+            state = await asyncio.wait_for(
+                client.get_workflow_handle(workflow_id_for(payment_id)).query(
+                    PaymentWorkflow.status
+                ),
+                QUERY_TIMEOUT_S,
+            )
+            metadata = ledger_view.metadata if ledger_view else {}
+            return _from_state(state, metadata)
+        except (RPCError, TimeoutError, WorkflowFailureError) as error:
+            log.info(
+                "live state unavailable, answering from the ledger", extra={"error": str(error)}
+            )
+    if ledger_view is None:
+        raise ProblemError(404, "payment_not_found", f"no payment {payment_id!r}")
+    return ledger_view
+
+
+def _check_payment_id(payment_id: str) -> None:
+    import re
+
+    if not re.match(PAYMENT_ID_PATTERN, payment_id):
+        raise ProblemError(404, "payment_not_found", f"no payment {payment_id!r}")
+    payment_id_var.set(payment_id)
+    workflow_id_var.set(workflow_id_for(payment_id))
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=PaymentOut,
+)
+async def create_payment(
+    body: PaymentCreate,
+    response: Response,
+    store: StoreDep,
+    client: TemporalDep,
+    settings: SettingsDep,
+    key: PaymentsWriteKey,
+    idempotency_key: Annotated[str | None, Header()] = None,
+    wait: Annotated[
+        Literal["settled"] | None,
+        Query(
+            description="`settled`: answer once the payment ends (at most 30 s).",
+        ),
+    ] = None,
+) -> PaymentOut:
+    """Submit a payment: starts its workflow and answers 202 with its id and status URL."""
+    idem = require_key(idempotency_key)
+    keys = IdempotencyStore(store.engine)
+    fingerprint = request_hash("POST", "/v1/payments", body.model_dump(mode="json"))
+    claim = await keys.lookup(key.key_id, idem, fingerprint)
+    if claim is None:
+        await _check_accounts(store, body)
+        claim = await keys.claim(key.key_id, idem, fingerprint, derived_id("pay", key.key_id, idem))
+    if claim.replay is not None:
+        response.headers[REPLAYED_HEADER] = "true"
+        response.headers["Location"] = status_url(claim.resource_id)
+        response.status_code = claim.replay.status
+        return PaymentOut.model_validate(claim.replay.body)
+
+    payment_id = claim.resource_id
+    payment_id_var.set(payment_id)
+    workflow_id_var.set(workflow_id_for(payment_id))
+    request = PaymentRequest(
+        payment_id=payment_id,
+        payer_account_id=body.payer_account_id,
+        payee_account_id=body.payee_account_id,
+        amount_minor=body.amount_minor,
+        currency=body.currency,
+        reference=body.reference,
+        metadata=body.metadata,
+        requested_by=f"api-key:{key.key_id}",
+        causation_id=request_id_var.get(),
+        policy=policy_from_settings(settings),
+    )
+    try:
+        handle = await start_payment(client, request, task_queue=settings.task_queue)
+    except WorkflowAlreadyStartedError:
+        # A retry taking over a request that died after starting the workflow.
+        handle = client.get_workflow_handle(request.workflow_id)
+    except BaseException:
+        await keys.release(key.key_id, idem)
+        raise
+    log.info(
+        "payment started", extra={"amount_minor": body.amount_minor, "currency": body.currency}
+    )
+    out: PaymentOut | None = None
+    if wait == "settled":
+        try:
+            await asyncio.wait_for(handle.result(), WAIT_SETTLED_S_MAX)
+        except TimeoutError:
+            pass  # still running: answer with where it is now
+        except WorkflowFailureError:
+            pass  # the workflow was cancelled; the ledger has the outcome
+        out = await read_payment(store, client, payment_id)
+    if out is None:
+        now = datetime.now().astimezone()
+        out = PaymentOut(
+            id=payment_id,
+            status="INITIATED",
+            status_url=status_url(payment_id),
+            payer_account_id=body.payer_account_id,
+            payee_account_id=body.payee_account_id,
+            amount_minor=body.amount_minor,
+            currency=body.currency,
+            reference=body.reference,
+            metadata=body.metadata,
+            created_at=now,
+            updated_at=now,
+        )
+    await keys.complete(key.key_id, idem, 202, out.model_dump(mode="json"))
+    response.headers["Location"] = status_url(payment_id)
+    return out
+
+
+async def _check_accounts(store: EventStore, body: PaymentCreate) -> None:
+    """Both accounts must exist and hold the payment's currency: a 422 names each problem."""
+    problems = []
+    for field in ("payer_account_id", "payee_account_id"):
+        account_id = getattr(body, field)
+        account = await store.get_account(account_id)
+        if account is None:
+            problems.append(FieldError(field=field, message=f"no account {account_id!r}"))
+        elif account.currency != body.currency:
+            problems.append(
+                FieldError(
+                    field=field,
+                    message=f"account {account_id!r} holds {account.currency}, not {body.currency}",
+                )
+            )
+    if problems:
+        raise ProblemError(
+            422, "invalid_accounts", "the payment's accounts cannot take it", errors=problems
+        )
+
+
+@router.get("/{payment_id}", response_model=PaymentOut)
+async def get_payment(
+    payment_id: str, store: StoreDep, client: TemporalDep, key: PaymentsReadKey
+) -> PaymentOut:
+    """The payment's status, amounts, accounts, timestamps and failure reason."""
+    _check_payment_id(payment_id)
+    return await read_payment(store, client, payment_id)
+
+
+def _encode_cursor(seq: int) -> str:
+    return base64.urlsafe_b64encode(str(seq).encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> int:
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        seq = int(base64.urlsafe_b64decode(padded.encode()).decode())
+    except (ValueError, UnicodeDecodeError):
+        raise ProblemError(
+            400, "invalid_cursor", "the cursor is not one this API gave out"
+        ) from None
+    if seq < 1:
+        raise ProblemError(400, "invalid_cursor", "the cursor is not one this API gave out")
+    return seq
+
+
+_LIST = text(
+    """
+    SELECT e.global_seq, e.payload, e.recorded_at AS created_at, s.state,
+           last.recorded_at AS updated_at, last.payload AS last_payload
+      FROM events e
+      JOIN streams s ON s.stream_id = e.stream_id
+      JOIN events last ON last.global_seq = s.last_seq
+     WHERE e.event_type = 'PaymentInitiated'
+       AND e.global_seq < :before
+       AND (CAST(:states AS text[]) IS NULL OR s.state = ANY (CAST(:states AS text[])))
+       AND (CAST(:account AS text) IS NULL
+            OR e.payload->>'payer_account_id' = :account
+            OR e.payload->>'payee_account_id' = :account)
+     ORDER BY e.global_seq DESC
+     LIMIT :limit
+    """
+)
+
+
+@router.get("", response_model=PaymentList)
+async def list_payments(
+    store: StoreDep,
+    key: PaymentsReadKey,
+    status: Annotated[
+        Literal[
+            "INITIATED",
+            "AUTHORIZED",
+            "PENDING_APPROVAL",
+            "RESERVED",
+            "SETTLED",
+            "DECLINED",
+            "REJECTED",
+            "FAILED",
+            "CANCELLED",
+        ]
+        | None,
+        Query(),
+    ] = None,
+    account_id: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=LIST_LIMIT_MAX)] = LIST_LIMIT_DEFAULT,
+    cursor: Annotated[str | None, Query(max_length=40)] = None,
+) -> PaymentList:
+    """Payments, newest first, read from the ledger."""
+    states = None
+    if status is not None:
+        states = [state for state, shown in PAYMENT_STATUS_BY_STATE.items() if shown == status]
+    before = _decode_cursor(cursor) if cursor else 2**63 - 1
+    async with store.engine.connect() as conn:
+        rows = (
+            await conn.execute(
+                _LIST,
+                {"before": before, "states": states, "account": account_id, "limit": limit + 1},
+            )
+        ).all()
+    payments = []
+    for row in rows[:limit]:
+        initiated = row.payload
+        terminal = row.state in TERMINAL_STATES
+        payments.append(
+            PaymentOut(
+                id=initiated["payment_id"],
+                status=PAYMENT_STATUS_BY_STATE[row.state],
+                status_url=status_url(initiated["payment_id"]),
+                payer_account_id=initiated["payer_account_id"],
+                payee_account_id=initiated["payee_account_id"],
+                amount_minor=initiated["amount_minor"],
+                currency=initiated["currency"],
+                reference=initiated.get("reference"),
+                metadata=initiated.get("metadata") or {},
+                created_at=row.created_at,
+                updated_at=row.updated_at,
+                failure_reason=(
+                    row.last_payload.get("reason") if terminal and row.state != "settled" else None
+                ),
+            )
+        )
+    next_cursor = _encode_cursor(rows[limit - 1].global_seq) if len(rows) > limit else None
+    return PaymentList(payments=payments, next_cursor=next_cursor)
+
+
+def event_out(event: RecordedEvent) -> EventOut:
+    return EventOut(
+        global_seq=event.global_seq,
+        stream_id=event.stream_id,
+        stream_version=event.stream_version,
+        event_id=str(event.event_id),
+        event_type=event.event_type,
+        schema_version=event.schema_version,
+        payload=event.payload,
+        actor=event.actor,
+        correlation_id=event.correlation_id,
+        causation_id=event.causation_id,
+        recorded_at=event.recorded_at,
+        prev_hash=event.prev_hash.hex(),
+        hash=event.hash.hex(),
+    )
+
+
+@router.get("/{payment_id}/events", response_model=PaymentEvents)
+async def payment_events(payment_id: str, store: StoreDep, key: PaymentsReadKey) -> PaymentEvents:
+    """The payment's audit trail: its ledger events in order, with their hashes."""
+    _check_payment_id(payment_id)
+    events = await store.read_stream(payment_stream(payment_id))
+    if not events:
+        raise ProblemError(404, "payment_not_found", f"no payment {payment_id!r}")
+    return PaymentEvents(payment_id=payment_id, events=[event_out(e) for e in events])
+
+
+async def _update(
+    store: EventStore,
+    client: Client,
+    payment_id: str,
+    action: Literal["cancel", "approve", "reject"],
+    argument: Any,
+) -> ActionAccepted:
+    _check_payment_id(payment_id)
+    handle = client.get_workflow_handle(workflow_id_for(payment_id))
+    try:
+        accepted: UpdateAccepted = await handle.execute_update(
+            action, argument, result_type=UpdateAccepted
+        )
+    except WorkflowUpdateFailedError as error:
+        cause = error.cause
+        raise ProblemError(
+            409, f"{action}_refused", str(getattr(cause, "message", cause))
+        ) from None
+    except RPCError as error:
+        if error.status != RPCStatusCode.NOT_FOUND:
+            raise
+        # The workflow has ended (or its history is gone): the ledger knows how.
+        events = await store.read_stream(payment_stream(payment_id))
+        if not events:
+            raise ProblemError(404, "payment_not_found", f"no payment {payment_id!r}") from None
+        ended = _from_events(events)
+        raise ProblemError(
+            409, f"{action}_refused", f"the payment already ended ({ended.status})"
+        ) from None
+    return ActionAccepted(
+        id=payment_id, action=action, status=accepted.status, status_url=status_url(payment_id)
+    )
+
+
+@router.post("/{payment_id}/cancel", status_code=202, response_model=ActionAccepted)
+async def cancel_payment(
+    payment_id: str,
+    store: StoreDep,
+    client: TemporalDep,
+    key: CancelKey,
+    body: CancelIn | None = None,
+) -> ActionAccepted:
+    """Cancel before settlement: 202 while compensation runs; 409 once settled."""
+    reason = (body or CancelIn()).reason
+    return await _update(
+        store,
+        client,
+        payment_id,
+        "cancel",
+        CancelRequest(actor=f"api-key:{key.key_id}", reason=reason),
+    )
+
+
+@router.post("/{payment_id}/approve", status_code=202, response_model=ActionAccepted)
+async def approve_payment(
+    payment_id: str,
+    store: StoreDep,
+    client: TemporalDep,
+    key: OpsKey,
+    body: ApproveIn | None = None,
+) -> ActionAccepted:
+    """Approve a payment waiting for approval (scope `ops`)."""
+    note = body.note if body else None
+    return await _update(
+        store,
+        client,
+        payment_id,
+        "approve",
+        ApproveRequest(actor=f"api-key:{key.key_id}", note=note),
+    )
+
+
+@router.post("/{payment_id}/reject", status_code=202, response_model=ActionAccepted)
+async def reject_payment(
+    payment_id: str,
+    body: RejectIn,
+    store: StoreDep,
+    client: TemporalDep,
+    key: OpsKey,
+) -> ActionAccepted:
+    """Reject a payment waiting for approval (scope `ops`); it is compensated."""
+    return await _update(
+        store,
+        client,
+        payment_id,
+        "reject",
+        RejectRequest(actor=f"api-key:{key.key_id}", reason=body.reason),
+    )
