@@ -11,6 +11,7 @@ Fixtures, from the widest scope:
 - `task_queue` (test): a queue of the test's own, so workers never steal each other's tasks.
 - `settings` (test): Settings pointing at all of the above.
 - `payments` (test): a worker with the real activities, and a helper to start payments.
+- `api` (test): the API in process over httpx, with a key for each kind of caller.
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
+from api.app import create_app
 from ledger.store import EventStore
 from paysaga.db import create_app_engine, create_owner_engine
 from paysaga.settings import Settings
+from tests.harness.api import Api, make_keys, serve
 from tests.harness.postgres import IsolatedDatabase, PostgresServer, postgres_server
 from tests.harness.saga import Payments
 from tests.harness.temporal import start_dev_server, start_time_skipping_server
@@ -126,6 +129,22 @@ async def payments(
         temporal_client, settings, task_queue=task_queue, activities=activities
     ):
         yield Payments(temporal_client, store, task_queue)
+
+
+# --- The API --------------------------------------------------------------------------------
+@pytest.fixture
+async def api(
+    payments: Payments,
+    settings: Settings,
+    store: EventStore,
+    temporal_client: Client,
+    owner_engine: AsyncEngine,
+) -> AsyncIterator[Api]:
+    """The API in process, a worker behind it, and a key for each kind of caller."""
+    keys = await make_keys(owner_engine, settings.api_key_secret.get_secret_value())
+    app = create_app(settings, store=store, temporal_client=temporal_client)
+    async with serve(app) as http:
+        yield Api(http, keys)
 
 
 # --- Settings -------------------------------------------------------------------------------

@@ -7,10 +7,11 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import create_async_engine
 from temporalio.client import Client
 
 from api.app import create_app
+from ledger.store import EventStore
 from paysaga.settings import Settings
 
 
@@ -23,11 +24,9 @@ async def _serve(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
 
 @pytest.fixture
 async def http(
-    settings: Settings, app_engine: AsyncEngine, temporal_client: Client
+    settings: Settings, store: EventStore, temporal_client: Client
 ) -> AsyncIterator[httpx.AsyncClient]:
-    async for client in _serve(
-        create_app(settings, engine=app_engine, temporal_client=temporal_client)
-    ):
+    async for client in _serve(create_app(settings, store=store, temporal_client=temporal_client)):
         yield client
 
 
@@ -47,12 +46,14 @@ async def test_readyz_reports_each_dependency(http: httpx.AsyncClient) -> None:
 
 
 async def test_readyz_is_503_and_names_the_database_when_it_is_down(
-    settings: Settings, temporal_client: Client
+    settings: Settings, store: EventStore, temporal_client: Client
 ) -> None:
     dead = create_async_engine(
         "postgresql+psycopg://nobody@127.0.0.1:9/none", connect_args={"connect_timeout": 1}
     )
-    app = create_app(settings, engine=dead, temporal_client=temporal_client)
+    app = create_app(
+        settings, store=EventStore(dead, store.appends), temporal_client=temporal_client
+    )
     async for http in _serve(app):
         response = await http.get("/readyz")
     await dead.dispose()
@@ -65,10 +66,10 @@ async def test_readyz_is_503_and_names_the_database_when_it_is_down(
 
 
 async def test_readyz_is_503_and_names_temporal_when_it_is_unreachable(
-    settings: Settings, app_engine: AsyncEngine
+    settings: Settings, store: EventStore
 ) -> None:
     unreachable = settings.model_copy(update={"temporal_address": "127.0.0.1:9"})
-    async for http in _serve(create_app(unreachable, engine=app_engine)):
+    async for http in _serve(create_app(unreachable, store=store)):
         response = await http.get("/readyz")
     assert response.status_code == 503
     checks = response.json()["checks"]
