@@ -6,11 +6,16 @@ attributes, and a static summary that reads like a payment.
 
 from __future__ import annotations
 
-from temporalio.client import Client, WorkflowHandle
-from temporalio.common import SearchAttributePair, TypedSearchAttributes, WorkflowIDReusePolicy
+from temporalio.client import Client, WithStartWorkflowOperation, WorkflowHandle
+from temporalio.common import (
+    SearchAttributePair,
+    TypedSearchAttributes,
+    WorkflowIDConflictPolicy,
+    WorkflowIDReusePolicy,
+)
 
 from paysaga.settings import Settings
-from workflows.models import PaymentOutcome, PaymentPolicy, PaymentRequest
+from workflows.models import PaymentOutcome, PaymentPolicy, PaymentRequest, PaymentState
 from workflows.payment import PaymentWorkflow, summary
 from workflows.search_attributes import (
     PAYEE_ACCOUNT_ID,
@@ -65,4 +70,28 @@ async def start_payment(
         search_attributes=search_attributes(request),
         static_summary=summary(request),
         static_details=details,
+    )
+
+
+async def start_payment_and_wait(
+    client: Client, request: PaymentRequest, *, task_queue: str
+) -> PaymentState:
+    """Start the payment and wait for it to end, in one call (update-with-start).
+
+    bench/wait_settled.py compares this with `start_payment` then awaiting the result.
+    """
+    details = f"Reference: {request.reference}" if request.reference else None
+    start = WithStartWorkflowOperation(
+        PaymentWorkflow.run,
+        request,
+        id=request.workflow_id,
+        task_queue=task_queue,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+        search_attributes=search_attributes(request),
+        static_summary=summary(request),
+        static_details=details,
+    )
+    return await client.execute_update_with_start_workflow(
+        PaymentWorkflow.wait_ended, start_workflow_operation=start
     )

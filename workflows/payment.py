@@ -132,6 +132,12 @@ class PaymentWorkflow:
         return self._state
 
     @workflow.update
+    async def wait_ended(self) -> PaymentState:
+        """Answer once the payment has ended (for update-with-start callers)."""
+        await workflow.wait_condition(lambda: self._state.status in TERMINAL_STATUSES)
+        return self._state
+
+    @workflow.update
     async def cancel(self, request: CancelRequest) -> UpdateAccepted:
         """Cancel before settlement: compensation runs, the payment ends CANCELLED."""
         self._cancel = request
