@@ -28,7 +28,14 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio import activity
 
-from workflows.models import AuthorizationRequest, AuthorizationResult, VoidRequest, VoidResult
+from activities.ledger import LedgerActivities
+from workflows.models import (
+    AuthorizationRequest,
+    AuthorizationResult,
+    RecordEvent,
+    VoidRequest,
+    VoidResult,
+)
 
 SLOW_DELAY_S_DEFAULT = 10.0
 SLOW_DELAY_S_MAX = 3_600.0
@@ -103,83 +110,80 @@ class SimulatedProcessor:
 
     async def _authorize(self, request: AuthorizationRequest, attempt: int) -> AuthorizationResult:
         async with self.engine.begin() as conn:
-            created = (
+            row = (
                 await conn.execute(
-                    text(
-                        "INSERT INTO processor_authorizations "
-                        "(payment_id, authorization_id, amount_minor, currency, status) "
-                        "VALUES (:p, :a, :amount, :currency, 'authorized') "
-                        "ON CONFLICT (payment_id) DO NOTHING RETURNING authorization_id"
-                    ),
+                    _AUTHORIZE,
                     {
                         "p": request.payment_id,
                         "a": f"sim-auth-{uuid.uuid4().hex[:16]}",
                         "amount": request.amount_minor,
                         "currency": request.currency,
+                        "attempt": attempt,
                     },
                 )
-            ).scalar_one_or_none()
-            if created is None:
-                existing = (
-                    await conn.execute(
-                        text(
-                            "SELECT authorization_id, status FROM processor_authorizations "
-                            "WHERE payment_id = :p"
-                        ),
-                        {"p": request.payment_id},
-                    )
-                ).one()
-            outcome = "authorized" if created else "replayed"
-            await conn.execute(
-                text(
-                    "INSERT INTO processor_calls (payment_id, operation, outcome, attempt) "
-                    "VALUES (:p, 'authorize', :outcome, :attempt)"
-                ),
-                {"p": request.payment_id, "outcome": outcome, "attempt": attempt},
-            )
-        if created is not None:
-            return AuthorizationResult(approved=True, authorization_id=created, processor=self.name)
-        if existing.status == "voided":
+            ).one_or_none()
+        if row is None:
+            # Another attempt for the same payment is authorizing at this very moment.
+            raise ProcessorUnavailable("a concurrent authorization is in progress; retrying")
+        if row.status == "voided":
             return AuthorizationResult(
                 approved=False, decline_reason="the authorization was voided", processor=self.name
             )
         return AuthorizationResult(
-            approved=True, authorization_id=existing.authorization_id, processor=self.name
+            approved=True, authorization_id=row.authorization_id, processor=self.name
         )
 
     async def void(self, request: VoidRequest, attempt: int) -> VoidResult:
         async with self.engine.begin() as conn:
-            voided = (
-                await conn.execute(
-                    text(
-                        "UPDATE processor_authorizations "
-                        "SET status = 'voided', voided_at = clock_timestamp() "
-                        "WHERE payment_id = :p AND status = 'authorized' "
-                        "RETURNING authorization_id"
-                    ),
-                    {"p": request.payment_id},
-                )
-            ).scalar_one_or_none()
-            existing = None
-            if voided is None:
-                existing = (
-                    await conn.execute(
-                        text(
-                            "SELECT authorization_id FROM processor_authorizations "
-                            "WHERE payment_id = :p"
-                        ),
-                        {"p": request.payment_id},
-                    )
-                ).scalar_one_or_none()
-            outcome = "voided" if voided else ("already_voided" if existing else "nothing_to_void")
-            await conn.execute(
-                text(
-                    "INSERT INTO processor_calls (payment_id, operation, outcome, attempt) "
-                    "VALUES (:p, 'void', :outcome, :attempt)"
-                ),
-                {"p": request.payment_id, "outcome": outcome, "attempt": attempt},
-            )
-        return VoidResult(voided=voided is not None, authorization_id=voided or existing)
+            row = (await conn.execute(_VOID, {"p": request.payment_id, "attempt": attempt})).one()
+        return VoidResult(voided=row.voided, authorization_id=row.authorization_id)
+
+
+# One round trip each: the operation and its log line, in one statement.
+_AUTHORIZE = text(
+    """
+    WITH created AS (
+        INSERT INTO processor_authorizations
+               (payment_id, authorization_id, amount_minor, currency, status)
+        VALUES (:p, :a, :amount, :currency, 'authorized')
+        ON CONFLICT (payment_id) DO NOTHING
+        RETURNING authorization_id, status
+    ), existing AS (
+        SELECT authorization_id, status FROM processor_authorizations
+         WHERE payment_id = :p AND NOT EXISTS (SELECT 1 FROM created)
+    ), logged AS (
+        INSERT INTO processor_calls (payment_id, operation, outcome, attempt)
+        SELECT :p, 'authorize',
+               CASE WHEN EXISTS (SELECT 1 FROM created) THEN 'authorized' ELSE 'replayed' END,
+               :attempt
+    )
+    SELECT authorization_id, status FROM created
+    UNION ALL
+    SELECT authorization_id, status FROM existing
+    """
+)
+_VOID = text(
+    """
+    WITH voided AS (
+        UPDATE processor_authorizations
+           SET status = 'voided', voided_at = clock_timestamp()
+         WHERE payment_id = :p AND status = 'authorized'
+        RETURNING authorization_id
+    ), existing AS (
+        SELECT authorization_id FROM processor_authorizations WHERE payment_id = :p
+    ), logged AS (
+        INSERT INTO processor_calls (payment_id, operation, outcome, attempt)
+        SELECT :p, 'void',
+               CASE WHEN EXISTS (SELECT 1 FROM voided) THEN 'voided'
+                    WHEN EXISTS (SELECT 1 FROM existing) THEN 'already_voided'
+                    ELSE 'nothing_to_void' END,
+               :attempt
+    )
+    SELECT EXISTS (SELECT 1 FROM voided) AS voided,
+           coalesce((SELECT authorization_id FROM voided),
+                    (SELECT authorization_id FROM existing)) AS authorization_id
+    """
+)
 
 
 def _delay_s(raw: object) -> float:
@@ -198,12 +202,36 @@ def _delay_s(raw: object) -> float:
 class ProcessorActivities:
     """Processor calls as activities, over any `Authorizer`."""
 
-    def __init__(self, authorizer: Authorizer) -> None:
+    def __init__(self, authorizer: Authorizer, ledger: LedgerActivities) -> None:
         self.authorizer = authorizer
+        self.ledger = ledger
 
     @activity.defn(name="processor.authorize")
     async def authorize(self, request: AuthorizationRequest) -> AuthorizationResult:
-        return await self.authorizer.authorize(request, activity.info().attempt)
+        """Ask the processor; record an authorization in the ledger as soon as it is given.
+
+        Recording it here, rather than in a step of its own, saves the saga a round trip
+        per payment. It stays safe: a retry finds the processor's authorization (the
+        payment id is its idempotency key) and the ledger's event (its id derives from
+        the workflow id and the step) already there.
+        """
+        result = await self.authorizer.authorize(request, activity.info().attempt)
+        if result.approved:
+            await self.ledger.record(
+                RecordEvent(
+                    payment_id=request.payment_id,
+                    step="authorize",
+                    event_type="PaymentAuthorized",
+                    payload={
+                        "payment_id": request.payment_id,
+                        "authorization_id": result.authorization_id,
+                        "processor": result.processor,
+                    },
+                    actor=request.actor,
+                    causation_id=request.causation_id,
+                )
+            )
+        return result
 
     @activity.defn(name="processor.void")
     async def void(self, request: VoidRequest) -> VoidResult:

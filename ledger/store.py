@@ -386,6 +386,17 @@ class EventStore:
             raise errors.UnknownAccount(f"no account {account_id!r}", account_id=account_id)
         return _position(row)
 
+    async def account_terms(self, account_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+        """{account id: (currency, kind)} for those of `account_ids` that exist: one query."""
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                text(
+                    "SELECT account_id, currency, kind FROM accounts WHERE account_id IN :ids"
+                ).bindparams(bindparam("ids", expanding=True)),
+                {"ids": list(account_ids)},
+            )
+            return {row.account_id: (row.currency, row.kind) for row in rows}
+
     async def get_account(self, account_id: str) -> Account | None:
         async with self.engine.connect() as conn:
             row = (

@@ -44,7 +44,7 @@ async def _worker_payments(
     task_queue: str,
     ledger: LedgerActivities,
 ) -> AsyncIterator[Payments]:
-    processor = ProcessorActivities(SimulatedProcessor(store.engine))
+    processor = ProcessorActivities(SimulatedProcessor(store.engine), ledger)
     activities = [*ledger.all(), *processor.all()]
     async with build_worker(env.client, settings, task_queue=task_queue, activities=activities):
         yield Payments(env.client, store, task_queue)

@@ -151,12 +151,6 @@ class Recorded(_Model):
     appended: bool
 
 
-class InitiateResult(_Model):
-    global_seq: int
-    # Why the payment cannot proceed (unknown account, currency mismatch), if it cannot.
-    invalid_reason: str | None = None
-
-
 class RiskInput(_Model):
     payment_id: PaymentId
     payer_account_id: AccountId
@@ -170,12 +164,23 @@ class RiskDecision(_Model):
     reason: str | None = None
 
 
+class InitiateResult(_Model):
+    global_seq: int
+    # Why the payment cannot proceed (unknown account, currency mismatch), if it cannot.
+    invalid_reason: str | None = None
+    # The risk rules' verdict, for a payment that can proceed.
+    risk: RiskDecision | None = None
+
+
 class AuthorizationRequest(_Model):
     payment_id: PaymentId
     amount_minor: AmountMinor
     currency: CurrencyCode
     payer_account_id: AccountId
     metadata: Metadata = Field(default_factory=dict)
+    # For the PaymentAuthorized event the activity appends once the processor agrees.
+    actor: Actor = "system"
+    causation_id: str | None = None
 
 
 class AuthorizationResult(_Model):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from temporalio import workflow
@@ -50,8 +50,6 @@ with workflow.unsafe.imports_passed_through():
         Recorded,
         RecordEvent,
         RejectRequest,
-        RiskDecision,
-        RiskInput,
         UpdateAccepted,
         VoidRequest,
         VoidResult,
@@ -72,6 +70,12 @@ COMPENSATION_RETRY = RetryPolicy(
     backoff_coefficient=2.0,
     maximum_interval=timedelta(seconds=30),
     maximum_attempts=0,  # until it succeeds
+)
+SETTLE_FIRST_RETRY = RetryPolicy(
+    initial_interval=timedelta(milliseconds=200),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=1),
+    maximum_attempts=3,
 )
 SETTLE_RETRY = COMPENSATION_RETRY
 # Retries that may go on for long (an outage) wait on durable workflow timers past this
@@ -219,22 +223,10 @@ class PaymentWorkflow:
             raise _Stop("FAILED", "initiate", initiated.invalid_reason)
         self._check_cancel()
 
-        # 2. Authorize: risk rules, then the processor.
+        # 2. Authorize: the risk rules (evaluated by the initiate step), then the processor.
         self._set(step="authorize")
-        self._details("Checking the risk rules")
-        risk: RiskDecision = await self._ledger(
-            "ledger.assess_risk",
-            RiskInput(
-                payment_id=request.payment_id,
-                payer_account_id=request.payer_account_id,
-                amount_minor=request.amount_minor,
-                policy=policy,
-            ),
-            result_type=RiskDecision,
-            start_to_close_timeout=LEDGER_TIMEOUT,
-            retry_policy=LEDGER_RETRY,
-        )
-        if not risk.approved:
+        risk = initiated.risk
+        if risk is not None and not risk.approved:
             return await self._decline("risk", risk.reason or "declined by risk rules", risk.rule)
         self._check_cancel()
         # Registered before the processor is called: an authorization whose answer we
@@ -251,6 +243,8 @@ class PaymentWorkflow:
                         currency=request.currency,
                         payer_account_id=request.payer_account_id,
                         metadata=request.metadata,
+                        actor=self._actor,
+                        causation_id=self._causation(),
                     ),
                     result_type=AuthorizationResult,
                     start_to_close_timeout=timedelta(seconds=policy.processor_timeout_s),
@@ -272,15 +266,8 @@ class PaymentWorkflow:
             compensations.pop()  # a decline leaves nothing to void
             reason = authorization.decline_reason or "declined"
             return await self._decline("processor", reason, None)
-        await self._record(
-            "authorize",
-            "PaymentAuthorized",
-            {
-                "payment_id": request.payment_id,
-                "authorization_id": authorization.authorization_id,
-                "processor": authorization.processor,
-            },
-        )
+        # The authorize activity recorded PaymentAuthorized in the ledger.
+        self._last_step = "authorize"
         self._set(status="AUTHORIZED", authorization_id=authorization.authorization_id)
         self._check_cancel()
 
@@ -315,7 +302,23 @@ class PaymentWorkflow:
         self._set(step="settle")
         self._details(f"Settling; the hold expires at {hold_expires_at.isoformat()}")
         self._settling = True
-        # Settlement keeps retrying (a ledger outage, say) until the hold expires.
+        try:
+            # The common case: settlement lands at once, and no timer enters the history.
+            await self._record(
+                "settle", "PaymentSettled", self._settlement(), retry=SETTLE_FIRST_RETRY
+            )
+        except STEP_FAILED as error:
+            if _non_retryable(error):
+                self._settling = False
+                raise _Stop("FAILED", "settle", _cause(error)) from None
+            await self._settle_until_hold_expires(hold_expires_at)
+        self._set(status="SETTLED", waiting_for=None)
+        self._details("Settled")
+        return PaymentOutcome(payment_id=request.payment_id, status="SETTLED", step="settle")
+
+    async def _settle_until_hold_expires(self, hold_expires_at: datetime) -> None:
+        """An outage outlasted the quick retries: keep settling, but not past the hold."""
+        self._details(f"Settlement failing; retrying until the hold expires at {hold_expires_at}")
         settle = asyncio.ensure_future(
             self._record("settle", "PaymentSettled", self._settlement(), retry=SETTLE_RETRY)
         )
@@ -333,9 +336,6 @@ class PaymentWorkflow:
         except STEP_FAILED as error:
             self._settling = False
             raise _Stop("FAILED", "settle", _cause(error)) from None
-        self._set(status="SETTLED", waiting_for=None)
-        self._details("Settled")
-        return PaymentOutcome(payment_id=request.payment_id, status="SETTLED", step="settle")
 
     def _settlement(self) -> dict[str, Any]:
         request, policy = self._request, self._request.policy
@@ -642,6 +642,11 @@ async def _quietly(task: asyncio.Future[Any]) -> None:
 def _error_type(error: BaseException) -> str | None:
     cause = error.__cause__ if isinstance(error, ActivityError) else error
     return cause.type if isinstance(cause, ApplicationError) else None
+
+
+def _non_retryable(error: BaseException) -> bool:
+    cause = error.__cause__ if isinstance(error, ActivityError) else error
+    return isinstance(cause, ApplicationError) and cause.non_retryable
 
 
 def _cause(error: BaseException) -> str:

@@ -248,12 +248,8 @@ async def create_payment(
 
 async def _check_accounts(store: EventStore, body: PaymentCreate) -> None:
     """Both accounts must exist and hold the payment's currency: a 422 names each problem."""
-    async with store.engine.connect() as conn:
-        rows = await conn.execute(
-            text("SELECT account_id, currency FROM accounts WHERE account_id IN (:payer, :payee)"),
-            {"payer": body.payer_account_id, "payee": body.payee_account_id},
-        )
-        currencies = {row.account_id: row.currency for row in rows}
+    terms = await store.account_terms([body.payer_account_id, body.payee_account_id])
+    currencies = {account_id: currency for account_id, (currency, _) in terms.items()}
     problems = []
     for field in ("payer_account_id", "payee_account_id"):
         account_id = getattr(body, field)
