@@ -47,7 +47,7 @@ from bench.e2e_workflow import drive  # noqa: E402
 from bench.floor import FloorWorkflow, no_op  # noqa: E402
 from paysaga.payments import policy_from_settings, start_payment  # noqa: E402
 from paysaga.settings import Settings  # noqa: E402
-from worker import sandbox_runner  # noqa: E402
+from worker import sandbox_runner, worker_tuning  # noqa: E402
 from workflows.models import PaymentRequest  # noqa: E402
 
 console = Console(stderr=True)
@@ -174,7 +174,8 @@ async def main() -> None:
                 workflows=[FloorWorkflow],
                 activities=[no_op],
                 workflow_runner=sandbox_runner(),
-                max_concurrent_activities=settings.worker_activities_max,
+                # The same concurrency and polling as the saga's worker: a fair floor.
+                **worker_tuning(settings),
             ):
 
                 async def floor_one(index: int) -> None:
