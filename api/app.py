@@ -152,6 +152,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.metrics = ApiMetrics()
+    app.state.api_key_cache = {}
     problems.install(app)
     # Outermost last: every response, a 413 included, gets its request id and is counted.
     app.add_middleware(BodyLimit)

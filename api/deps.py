@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
 from temporalio.client import Client
 
-from api.keys import ApiKey, authenticate
+from api.keys import ApiKey, authenticate, hash_key
 from api.problems import ProblemError
 from ledger.store import EventStore
 from paysaga.settings import Settings
@@ -55,16 +56,37 @@ async def get_api_key(
         raise ProblemError(
             401, "unauthenticated", "send Authorization: Bearer <api key>", headers=_UNAUTHORIZED
         )
-    async with store.engine.connect() as conn:
-        key = await authenticate(
-            conn, settings.api_key_secret.get_secret_value(), presented.strip()
-        )
+    key = await _verified(request, store, settings, presented.strip())
     if key is None:
         # Never echo what was presented: it may be a real key with a typo.
         raise ProblemError(
             401, "invalid_api_key", "the API key is unknown or revoked", headers=_UNAUTHORIZED
         )
     request.state.api_key_id = key.key_id
+    return key
+
+
+API_KEY_CACHE_ENTRIES_MAX = 1024
+
+
+async def _verified(
+    request: Request, store: EventStore, settings: Settings, presented: str
+) -> ApiKey | None:
+    """The key `presented` stands for, remembered for `api_key_cache_s` seconds."""
+    secret = settings.api_key_secret.get_secret_value()
+    # Keyed by the key's HMAC: the cache holds no key material.
+    fingerprint = hash_key(secret, presented)
+    cache: dict[bytes, tuple[float, ApiKey]] = request.app.state.api_key_cache
+    now = time.monotonic()
+    cached = cache.get(fingerprint)
+    if cached is not None and cached[0] > now:
+        return cached[1]
+    async with store.engine.connect() as conn:
+        key = await authenticate(conn, secret, presented)
+    if key is not None and settings.api_key_cache_s > 0:
+        if len(cache) >= API_KEY_CACHE_ENTRIES_MAX:
+            cache.clear()
+        cache[fingerprint] = (now + settings.api_key_cache_s, key)
     return key
 
 

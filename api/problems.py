@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from paysaga.logs import request_id_var
@@ -159,6 +160,19 @@ def install(app: FastAPI) -> None:
         return problem_response(
             exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None)
         )
+
+    @app.exception_handler(DBAPIError)
+    async def on_database(request: Request, exc: DBAPIError) -> JSONResponse:
+        if exc.connection_invalidated or isinstance(exc, OperationalError):
+            log.warning("database unavailable", extra={"error": str(exc.orig)})
+            return problem_response(
+                503,
+                "database_unavailable",
+                "the database cannot be reached right now; retry shortly",
+                headers={"Retry-After": "1"},
+            )
+        log.exception("database error")
+        return problem_response(500, "internal_error", "an unexpected error occurred")
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -41,13 +41,10 @@ sys.path.insert(0, str(ROOT))
 
 from temporalio.client import Client  # noqa: E402
 from temporalio.contrib.pydantic import pydantic_data_converter  # noqa: E402
-from temporalio.worker import Worker  # noqa: E402
 
-from bench.e2e_workflow import drive  # noqa: E402
-from bench.floor import FloorWorkflow, no_op  # noqa: E402
+from bench.common import drive, run_floor  # noqa: E402
 from paysaga.payments import policy_from_settings, start_payment  # noqa: E402
 from paysaga.settings import Settings  # noqa: E402
-from worker import sandbox_runner, worker_tuning  # noqa: E402
 from workflows.models import PaymentRequest  # noqa: E402
 
 console = Console(stderr=True)
@@ -167,27 +164,8 @@ async def main() -> None:
                 }
 
             # 1. The floor, on the same Temporal server.
-            floor_queue = f"floor-{uuid.uuid4()}"
-            async with Worker(
-                client,
-                task_queue=floor_queue,
-                workflows=[FloorWorkflow],
-                activities=[no_op],
-                workflow_runner=sandbox_runner(),
-                # The same concurrency and polling as the saga's worker: a fair floor.
-                **worker_tuning(settings),
-            ):
-
-                async def floor_one(index: int) -> None:
-                    await client.execute_workflow(
-                        FloorWorkflow.run,
-                        f"floor-{index}",
-                        id=f"floor-{uuid.uuid4()}",
-                        task_queue=floor_queue,
-                    )
-
-                console.print("floor ...")
-                floor = await drive("floor (4 regular no-op activities)", n, c, floor_one)
+            console.print("floor ...")
+            floor = await run_floor(client, settings, n, c)
 
             # 2. The saga alone: straight to Temporal, run by the stack's worker.
             async def saga_one(index: int) -> None:

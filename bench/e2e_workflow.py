@@ -7,8 +7,9 @@ the embedded PostgreSQL, it runs, in one process and one run:
 2. the saga: PaymentWorkflow doing real work (ledger appends with the hash chain and
    positions, risk rules, the processor simulator, search-attribute upserts).
 
-It prints payments per second, p50/p99 start-to-settled latency, and the ratio of the
-saga to the floor, and writes bench/results/e2e_workflow-<time>.json.
+It prints payments per second, p50/p99 start-to-settled latency, CPU per workflow in
+this process (client and worker), and the ratio of the saga to the floor, and writes
+bench/results/e2e_workflow-<time>.json.
 
     .venv/bin/python bench/e2e_workflow.py
     .venv/bin/python bench/e2e_workflow.py --payments 400 --concurrency 32
@@ -23,11 +24,8 @@ import json
 import os
 import platform
 import sys
-import tempfile
-import time
 import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -38,75 +36,68 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from temporalio.client import Client  # noqa: E402
-from temporalio.contrib.pydantic import pydantic_data_converter  # noqa: E402
-from temporalio.testing import WorkflowEnvironment  # noqa: E402
-from temporalio.worker import Worker  # noqa: E402
 
-from bench.floor import FloorWorkflow, no_op  # noqa: E402
+from bench.common import Run, drive, local_servers, run_floor  # noqa: E402
 from ledger.events import AccountOpened  # noqa: E402
 from ledger.store import EventStore  # noqa: E402
-from paysaga import migrate  # noqa: E402
-from paysaga.db import DatabaseUrls  # noqa: E402
-from paysaga.embedded_pg import EmbeddedPostgres, stop_server  # noqa: E402
 from paysaga.payments import start_payment  # noqa: E402
 from paysaga.settings import Settings  # noqa: E402
-from paysaga.temporal import find_binary  # noqa: E402
-from worker import build_worker, payment_activities, sandbox_runner, worker_tuning  # noqa: E402
+from worker import build_worker, payment_activities  # noqa: E402
 from workflows.models import PaymentPolicy, PaymentRequest  # noqa: E402
-from workflows.search_attributes import ALL_SEARCH_ATTRIBUTES  # noqa: E402
 
 console = Console(stderr=True)
 
 
-@dataclass
-class Run:
-    name: str
-    payments: int
-    concurrency: int
-    seconds: float
-    per_s: float
-    p50_ms: float
-    p99_ms: float
-    # CPU this process spent per workflow (client and, where it runs here, the worker).
-    process_cpu_ms: float = 0.0
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
-
-
-async def drive(
-    name: str, count: int, concurrency: int, one: Callable[[int], Awaitable[None]]
-) -> Run:
-    """Run `one(i)` for i in range(count), `concurrency` at a time; time each."""
-    latencies_ms: list[float] = []
-    next_index = 0
-
-    async def lane() -> None:
-        nonlocal next_index
-        while next_index < count:
-            index = next_index
-            next_index += 1
-            started = time.perf_counter()
-            await one(index)
-            latencies_ms.append((time.perf_counter() - started) * 1000)
-
-    started = time.perf_counter()
-    cpu_started = time.process_time()
-    await asyncio.gather(*(lane() for _ in range(concurrency)))
-    seconds = time.perf_counter() - started
-    cpu_ms = (time.process_time() - cpu_started) * 1000 / count
-    return Run(
-        name=name,
-        payments=count,
-        concurrency=concurrency,
-        seconds=round(seconds, 2),
-        per_s=round(count / seconds, 2),
-        p50_ms=round(percentile(latencies_ms, 0.5), 1),
-        p99_ms=round(percentile(latencies_ms, 0.99), 1),
-        process_cpu_ms=round(cpu_ms, 1),
+async def open_bench_accounts(store: EventStore, payers: int) -> None:
+    """`world` (external), `shop` (merchant), and `payer-<i>` customers."""
+    await store.open_account(
+        AccountOpened(
+            account_id="world", currency="EUR", kind="external", overdraft_limit_minor=None
+        ),
+        actor="bench",
     )
+    await store.open_account(
+        AccountOpened(account_id="shop", currency="EUR", kind="merchant"), actor="bench"
+    )
+    for i in range(payers):
+        await store.open_account(
+            AccountOpened(account_id=f"payer-{i}", currency="EUR", kind="customer"),
+            actor="bench",
+        )
+
+
+async def run_saga(
+    client: Client, store: EventStore, settings: Settings, policy: PaymentPolicy, n: int, c: int
+) -> Run:
+    queue = f"payments-{uuid.uuid4()}"
+    async with build_worker(
+        client, settings, task_queue=queue, activities=payment_activities(store)
+    ):
+        # Fund each lane's payer (not timed), then pay the shop from it.
+        for i in range(c):
+            funding = PaymentRequest(
+                payment_id=f"fund-{i}-{uuid.uuid4().hex[:8]}",
+                payer_account_id="world",
+                payee_account_id=f"payer-{i}",
+                amount_minor=100_000,
+                currency="EUR",
+                policy=policy,
+            )
+            await (await start_payment(client, funding, task_queue=queue)).result()
+
+        async def one(index: int) -> None:
+            request = PaymentRequest(
+                payment_id=f"bench-{uuid.uuid4().hex}",
+                payer_account_id=f"payer-{index % c}",
+                payee_account_id="shop",
+                amount_minor=100,
+                currency="EUR",
+                policy=policy,
+            )
+            outcome = await (await start_payment(client, request, task_queue=queue)).result()
+            assert outcome.status == "SETTLED", outcome
+
+        return await drive(f"saga (ledger as {policy.ledger_activities} activities)", n, c, one)
 
 
 async def main() -> None:
@@ -116,114 +107,16 @@ async def main() -> None:
     parser.add_argument("--ledger-activities", choices=("local", "regular"), default="local")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    n, c = args.payments, args.concurrency
+    settings = Settings(_env_file=None)
+    policy = PaymentPolicy(ledger_activities=args.ledger_activities)
 
-    workdir = Path(tempfile.mkdtemp(prefix="paysaga-e2e-"))
-    pg = EmbeddedPostgres(workdir / "pg")
-    pg_process = pg.start(log_path=workdir / "postgres.log")
-    pg.bootstrap()
-    migrate.upgrade(pg.owner_url(), "paysaga_app")
-    urls = DatabaseUrls(owner_url=pg.owner_url(), app_url=pg.app_url(), app_role="paysaga_app")
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=find_binary("temporal"),
-        dev_server_database_filename=str(workdir / "temporal.sqlite"),
-        search_attributes=ALL_SEARCH_ATTRIBUTES,
-        data_converter=pydantic_data_converter,
-        dev_server_log_level="error",
-    )
-    client: Client = env.client
-    store = await EventStore.open(urls, pool_size=16)
-    try:
-        for account, kind in (("world", "external"), ("shop", "merchant")):
-            await store.open_account(
-                AccountOpened(
-                    account_id=account,
-                    currency="EUR",
-                    kind=kind,
-                    overdraft_limit_minor=None if kind == "external" else 0,
-                ),
-                actor="bench",
-            )
-        for i in range(args.concurrency):
-            await store.open_account(
-                AccountOpened(account_id=f"payer-{i}", currency="EUR", kind="customer"),
-                actor="bench",
-            )
-        settings = Settings(_env_file=None)
-        policy = PaymentPolicy(ledger_activities=args.ledger_activities)
-
-        # The floor.
-        floor_queue = f"floor-{uuid.uuid4()}"
-        async with Worker(
-            client,
-            task_queue=floor_queue,
-            workflows=[FloorWorkflow],
-            activities=[no_op],
-            workflow_runner=sandbox_runner(),
-            # The same concurrency and polling as the saga's worker: a fair floor.
-            **worker_tuning(settings),
-        ):
-
-            async def floor_one(index: int) -> None:
-                await client.execute_workflow(
-                    FloorWorkflow.run,
-                    f"floor-{index}",
-                    id=f"floor-{uuid.uuid4()}",
-                    task_queue=floor_queue,
-                )
-
-            console.print(f"floor: {args.payments} workflows, {args.concurrency} at a time")
-            floor = await drive(
-                "floor (4 regular no-op activities)", args.payments, args.concurrency, floor_one
-            )
-
-        # The saga.
-        saga_queue = f"payments-{uuid.uuid4()}"
-        async with build_worker(
-            client, settings, task_queue=saga_queue, activities=payment_activities(store)
-        ):
-            # Fund each lane's payer (not timed), then pay the shop from it.
-            for i in range(args.concurrency):
-                handle = await start_payment(
-                    client,
-                    PaymentRequest(
-                        payment_id=f"fund-{i}-{uuid.uuid4().hex[:8]}",
-                        payer_account_id="world",
-                        payee_account_id=f"payer-{i}",
-                        amount_minor=100_000,
-                        currency="EUR",
-                        policy=policy,
-                    ),
-                    task_queue=saga_queue,
-                )
-                await handle.result()
-
-            async def saga_one(index: int) -> None:
-                handle = await start_payment(
-                    client,
-                    PaymentRequest(
-                        payment_id=f"bench-{uuid.uuid4().hex}",
-                        payer_account_id=f"payer-{index % args.concurrency}",
-                        payee_account_id="shop",
-                        amount_minor=100,
-                        currency="EUR",
-                        policy=policy,
-                    ),
-                    task_queue=saga_queue,
-                )
-                outcome = await handle.result()
-                assert outcome.status == "SETTLED", outcome
-
-            console.print(f"saga: {args.payments} payments, {args.concurrency} at a time")
-            saga = await drive(
-                f"saga (ledger as {args.ledger_activities} activities)",
-                args.payments,
-                args.concurrency,
-                saga_one,
-            )
-    finally:
-        await store.close()
-        await env.shutdown()
-        stop_server(pg_process)
+    async with local_servers("paysaga-e2e-") as servers:
+        await open_bench_accounts(servers.store, c)
+        console.print(f"floor: {n} workflows, {c} at a time")
+        floor = await run_floor(servers.client, settings, n, c)
+        console.print(f"saga: {n} payments, {c} at a time")
+        saga = await run_saga(servers.client, servers.store, settings, policy, n, c)
 
     ratio = round(saga.per_s / floor.per_s, 3)
     table = Table(title="PaymentWorkflow vs the floor (dev server, SQLite file)")
@@ -242,10 +135,8 @@ async def main() -> None:
     Console(width=140).print(table)
     print(f"ratio saga/floor: {ratio:.2f}")
 
-    out = (
-        args.out
-        or ROOT / "bench" / "results" / f"e2e_workflow-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
-    )
+    stamp = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
+    out = args.out or ROOT / "bench" / "results" / f"e2e_workflow-{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps(

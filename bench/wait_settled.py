@@ -15,7 +15,6 @@ import asyncio
 import json
 import os
 import sys
-import tempfile
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,21 +22,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from temporalio.contrib.pydantic import pydantic_data_converter  # noqa: E402
-from temporalio.testing import WorkflowEnvironment  # noqa: E402
-
-from bench.e2e_workflow import Run, drive  # noqa: E402
-from ledger.events import AccountOpened  # noqa: E402
-from ledger.store import EventStore  # noqa: E402
-from paysaga import migrate  # noqa: E402
-from paysaga.db import DatabaseUrls  # noqa: E402
-from paysaga.embedded_pg import EmbeddedPostgres, stop_server  # noqa: E402
+from bench.common import Run, drive, local_servers  # noqa: E402
+from bench.e2e_workflow import open_bench_accounts  # noqa: E402
 from paysaga.payments import start_payment, start_payment_and_wait  # noqa: E402
 from paysaga.settings import Settings  # noqa: E402
-from paysaga.temporal import find_binary  # noqa: E402
 from worker import build_worker, payment_activities  # noqa: E402
 from workflows.models import PaymentRequest  # noqa: E402
-from workflows.search_attributes import ALL_SEARCH_ATTRIBUTES  # noqa: E402
 
 ROUNDS = 4
 
@@ -47,33 +37,10 @@ async def main() -> None:
     parser.add_argument("--payments", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=10)
     args = parser.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="paysaga-wait-"))
-    pg = EmbeddedPostgres(workdir / "pg")
-    pg_process = pg.start(log_path=workdir / "postgres.log")
-    pg.bootstrap()
-    migrate.upgrade(pg.owner_url(), "paysaga_app")
-    urls = DatabaseUrls(owner_url=pg.owner_url(), app_url=pg.app_url(), app_role="paysaga_app")
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=find_binary("temporal"),
-        dev_server_database_filename=str(workdir / "temporal.sqlite"),
-        search_attributes=ALL_SEARCH_ATTRIBUTES,
-        data_converter=pydantic_data_converter,
-        dev_server_log_level="error",
-    )
-    store = await EventStore.open(urls, pool_size=16)
     results: dict[str, list[Run]] = {"update_with_start": [], "start_then_result": []}
-    try:
-        await store.open_account(
-            AccountOpened(
-                account_id="world", currency="EUR", kind="external", overdraft_limit_minor=None
-            ),
-            actor="bench",
-        )
-        await store.open_account(
-            AccountOpened(account_id="shop", currency="EUR", kind="merchant"), actor="bench"
-        )
-        settings = Settings(_env_file=None)
-        queue = f"wait-{uuid.uuid4()}"
+    async with local_servers("paysaga-wait-") as servers:
+        await open_bench_accounts(servers.store, 0)
+        client, queue = servers.client, f"wait-{uuid.uuid4()}"
 
         def request() -> PaymentRequest:
             return PaymentRequest(
@@ -85,16 +52,17 @@ async def main() -> None:
             )
 
         async def with_update(_: int) -> None:
-            state = await start_payment_and_wait(env.client, request(), task_queue=queue)
+            state = await start_payment_and_wait(client, request(), task_queue=queue)
             assert state.status == "SETTLED"
 
         async def with_result(_: int) -> None:
-            handle = await start_payment(env.client, request(), task_queue=queue)
+            handle = await start_payment(client, request(), task_queue=queue)
             assert (await handle.result()).status == "SETTLED"
 
         per_round = max(1, args.payments // ROUNDS)
+        activities = payment_activities(servers.store)
         async with build_worker(
-            env.client, settings, task_queue=queue, activities=payment_activities(store)
+            client, Settings(_env_file=None), task_queue=queue, activities=activities
         ):
             await drive("warm-up", 20, args.concurrency, with_result)
             for _ in range(ROUNDS):
@@ -102,14 +70,8 @@ async def main() -> None:
                     await drive("update-with-start", per_round, args.concurrency, with_update)
                 )
                 results["start_then_result"].append(
-                    await drive(
-                        "start, then await the result", per_round, args.concurrency, with_result
-                    )
+                    await drive("start, then the result", per_round, args.concurrency, with_result)
                 )
-    finally:
-        await store.close()
-        await env.shutdown()
-        stop_server(pg_process)
 
     summary = {}
     for name, runs in results.items():

@@ -38,6 +38,7 @@ import psycopg
 from psycopg.rows import namedtuple_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from sqlalchemy import bindparam, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger import errors
@@ -334,85 +335,59 @@ class EventStore:
         )
 
     # --- reading --------------------------------------------------------------------------
+    async def _fetch(self, statement: Any, params: dict[str, Any]) -> list[Any]:
+        """Run one read. A connection lost to a database restart is retried once: reads
+        are safe to repeat, and the pool drops the dead connections on the first error."""
+        for attempt in (1, 2):
+            try:
+                async with self.engine.connect() as conn:
+                    return list((await conn.execute(statement, params)).all())
+            except DBAPIError as error:
+                if attempt == 2 or not error.connection_invalidated:
+                    raise
+        raise AssertionError("unreachable: the loop returns or raises")
+
     async def read_stream(self, stream_id: str) -> list[RecordedEvent]:
         """A stream's events in order."""
-        async with self.engine.connect() as conn:
-            rows = await conn.execute(_READ_STREAM, {"stream_id": stream_id})
-            return [_recorded(row) for row in rows]
+        return [_recorded(row) for row in await self._fetch(_READ_STREAM, {"stream_id": stream_id})]
 
     async def read_range(self, *, after_seq: int = 0, limit: int = 1000) -> list[RecordedEvent]:
         """Events with global_seq > after_seq, in global order, at most `limit`."""
         if not 1 <= limit <= READ_LIMIT_MAX:
             raise ValueError(f"limit must be between 1 and {READ_LIMIT_MAX}")
-        async with self.engine.connect() as conn:
-            rows = await conn.execute(_READ_RANGE, {"after_seq": after_seq, "limit": limit})
-            return [_recorded(row) for row in rows]
+        rows = await self._fetch(_READ_RANGE, {"after_seq": after_seq, "limit": limit})
+        return [_recorded(row) for row in rows]
 
     async def read_events(self, event_ids: Sequence[uuid.UUID]) -> list[RecordedEvent]:
         if not event_ids:
             return []
-        async with self.engine.connect() as conn:
-            rows = await conn.execute(_READ_BY_IDS, {"event_ids": list(event_ids)})
-            return [_recorded(row) for row in rows]
+        rows = await self._fetch(_READ_BY_IDS, {"event_ids": list(event_ids)})
+        return [_recorded(row) for row in rows]
 
     async def stream_head(self, stream_id: str) -> StreamHead | None:
-        async with self.engine.connect() as conn:
-            row = (
-                await conn.execute(
-                    text(
-                        "SELECT stream_id, version, state, last_hash, last_seq FROM streams "
-                        "WHERE stream_id = :stream_id"
-                    ),
-                    {"stream_id": stream_id},
-                )
-            ).one_or_none()
-        if row is None:
+        rows = await self._fetch(_STREAM_HEAD, {"stream_id": stream_id})
+        if not rows:
             return None
+        row = rows[0]
         return StreamHead(row.stream_id, row.version, row.state, bytes(row.last_hash), row.last_seq)
 
     async def get_position(self, account_id: str) -> Position:
         """The position as of every committed append: a strongly consistent read."""
-        async with self.engine.connect() as conn:
-            row = (
-                await conn.execute(
-                    text(
-                        f"SELECT {_POSITION_COLUMNS} FROM account_positions p "
-                        "WHERE p.account_id = :id"
-                    ),
-                    {"id": account_id},
-                )
-            ).one_or_none()
-        if row is None:
+        rows = await self._fetch(_POSITION, {"id": account_id})
+        if not rows:
             raise errors.UnknownAccount(f"no account {account_id!r}", account_id=account_id)
-        return _position(row)
+        return _position(rows[0])
 
     async def account_terms(self, account_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
         """{account id: (currency, kind)} for those of `account_ids` that exist: one query."""
-        async with self.engine.connect() as conn:
-            rows = await conn.execute(
-                text(
-                    "SELECT account_id, currency, kind FROM accounts WHERE account_id IN :ids"
-                ).bindparams(bindparam("ids", expanding=True)),
-                {"ids": list(account_ids)},
-            )
-            return {row.account_id: (row.currency, row.kind) for row in rows}
+        rows = await self._fetch(_ACCOUNT_TERMS, {"ids": list(account_ids)})
+        return {row.account_id: (row.currency, row.kind) for row in rows}
 
     async def get_account(self, account_id: str) -> Account | None:
-        async with self.engine.connect() as conn:
-            row = (
-                await conn.execute(
-                    text(
-                        "SELECT a.kind, a.metadata, a.opened_seq, e.recorded_at AS opened_at, "
-                        f"{_POSITION_COLUMNS} FROM accounts a "
-                        "JOIN account_positions p USING (account_id) "
-                        "JOIN events e ON e.global_seq = a.opened_seq "
-                        "WHERE a.account_id = :id"
-                    ),
-                    {"id": account_id},
-                )
-            ).one_or_none()
-        if row is None:
+        rows = await self._fetch(_ACCOUNT, {"id": account_id})
+        if not rows:
             return None
+        row = rows[0]
         return Account(
             account_id=row.account_id,
             currency=row.currency,
@@ -423,6 +398,23 @@ class EventStore:
             opened_at=row.opened_at,
             position=_position(row),
         )
+
+
+_STREAM_HEAD = text(
+    "SELECT stream_id, version, state, last_hash, last_seq FROM streams "
+    "WHERE stream_id = :stream_id"
+)
+_POSITION = text(f"SELECT {_POSITION_COLUMNS} FROM account_positions p WHERE p.account_id = :id")
+_ACCOUNT_TERMS = text(
+    "SELECT account_id, currency, kind FROM accounts WHERE account_id IN :ids"
+).bindparams(bindparam("ids", expanding=True))
+_ACCOUNT = text(
+    "SELECT a.kind, a.metadata, a.opened_seq, e.recorded_at AS opened_at, "
+    f"{_POSITION_COLUMNS} FROM accounts a "
+    "JOIN account_positions p USING (account_id) "
+    "JOIN events e ON e.global_seq = a.opened_seq "
+    "WHERE a.account_id = :id"
+)
 
 
 def _recorded(row: Any) -> RecordedEvent:

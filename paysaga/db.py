@@ -89,12 +89,20 @@ def database_urls(settings: Settings) -> DatabaseUrls:
 def create_app_engine(
     urls: DatabaseUrls, *, pool_size: int = 10, pool_overflow_max: int = 10
 ) -> AsyncEngine:
-    """An async engine that acts as the application role."""
+    """An async engine that acts as the application role.
+
+    In autocommit mode: everything the services run through it is a single statement,
+    and an implicit BEGIN ... ROLLBACK around each would triple its round trips. Work
+    that needs a transaction (the ledger walks) asks for one explicitly. No pre-ping
+    either (another round trip per checkout): a connection lost to a database restart
+    fails one statement, the pool is then invalidated, and the API answers that
+    request with a 503 to retry.
+    """
     return create_async_engine(
         to_sqlalchemy_url(urls.app_login_url),
         pool_size=pool_size,
         max_overflow=pool_overflow_max,
-        pool_pre_ping=True,
+        isolation_level="AUTOCOMMIT",
         connect_args=urls.app_connect_args(),
     )
 

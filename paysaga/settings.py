@@ -178,6 +178,14 @@ class Settings(BaseSettings):
         "at rest. Must be a real secret outside development.",
     )
 
+    api_key_cache_s: float = Field(
+        default=5.0,
+        ge=0,
+        le=300,
+        description="PAYSAGA_API_KEY_CACHE_S: how long a verified API key is remembered; "
+        "a revoked key stops working within this many seconds.",
+    )
+
     # --- Logging ----------------------------------------------------------------------
     log_level: str = Field(default="INFO", description="PAYSAGA_LOG_LEVEL")
     log_json: bool = Field(

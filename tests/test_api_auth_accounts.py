@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 import uuid
 
 import pytest
@@ -11,7 +12,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.keys import revoke_api_key
 from paysaga.logs import JsonFormatter
+from paysaga.settings import Settings
 from tests.harness.api import CALLERS, Api
+from tests.harness.saga import wait_for
 
 # Every protected route, and the scope it needs.
 ROUTES: list[tuple[str, str, str]] = [
@@ -61,12 +64,20 @@ async def test_health_readiness_metrics_and_docs_need_no_key(api: Api) -> None:
         assert (await api.http.get(path)).status_code == 200, path
 
 
-async def test_a_revoked_key_is_refused(api: Api, owner_engine: AsyncEngine) -> None:
+async def test_a_revoked_key_stops_working_within_the_cache_lifetime(
+    api: Api, owner_engine: AsyncEngine, settings: Settings
+) -> None:
     assert (await api.get("/v1/payments", caller="reader")).status_code == 200
     key_id = api.keys["reader"].split("_")[1]
     await revoke_api_key(owner_engine, key_id)
+    revoked_at = time.monotonic()
+
+    async def refused() -> bool:
+        return (await api.get("/v1/payments", caller="reader")).status_code == 401
+
+    await wait_for(refused, timeout_s=settings.api_key_cache_s + 2, what="the revocation")
+    assert time.monotonic() - revoked_at <= settings.api_key_cache_s + 1
     response = await api.get("/v1/payments", caller="reader")
-    assert response.status_code == 401
     assert response.json()["code"] == "invalid_api_key"
 
 

@@ -41,6 +41,14 @@ def _owner(database: IsolatedDatabase) -> psycopg.Connection[tuple[object, ...]]
     return psycopg.connect(to_libpq_url(database.urls.owner_url), autocommit=True)
 
 
+def _tamper(database: IsolatedDatabase, statement: str, seq: int) -> None:
+    """As the owner: switch the immutability trigger off, change history, switch it on."""
+    with _owner(database) as conn:
+        conn.execute("ALTER TABLE events DISABLE TRIGGER events_no_update_or_delete")
+        conn.execute(statement, (seq,))
+        conn.execute("ALTER TABLE events ENABLE TRIGGER events_no_update_or_delete")
+
+
 def _first_bad(output: str) -> int:
     match = re.search(r"first bad global_seq: (\d+)", output)
     assert match, output
@@ -68,14 +76,11 @@ async def test_a_changed_payload_is_named_by_verify(
 ) -> None:
     """The tamper test: the owner disables the trigger, edits one payload, re-enables it."""
     target = await _seq_of(store, ledger[0], "PaymentSettled")
-    with _owner(database) as conn:
-        conn.execute("ALTER TABLE events DISABLE TRIGGER events_no_update_or_delete")
-        conn.execute(
-            "UPDATE events SET payload = jsonb_set(payload, '{fee_minor}', '1') "
-            "WHERE global_seq = %s",
-            (target,),
-        )
-        conn.execute("ALTER TABLE events ENABLE TRIGGER events_no_update_or_delete")
+    _tamper(
+        database,
+        "UPDATE events SET payload = jsonb_set(payload, '{fee_minor}', '1') WHERE global_seq = %s",
+        target,
+    )
     result = _cli(database, "verify")
     assert result.returncode == 1
     assert _first_bad(result.stdout) == target
@@ -87,10 +92,7 @@ async def test_a_removed_event_is_found_by_verify(
     ledger: list[Payment], store: EventStore, database: IsolatedDatabase
 ) -> None:
     removed = await _seq_of(store, ledger[1], "PaymentAuthorized")
-    with _owner(database) as conn:
-        conn.execute("ALTER TABLE events DISABLE TRIGGER events_no_update_or_delete")
-        conn.execute("DELETE FROM events WHERE global_seq = %s", (removed,))
-        conn.execute("ALTER TABLE events ENABLE TRIGGER events_no_update_or_delete")
+    _tamper(database, "DELETE FROM events WHERE global_seq = %s", removed)
     result = _cli(database, "verify")
     assert result.returncode == 1
     # The event after the gap no longer chains to its predecessor.
@@ -102,10 +104,7 @@ async def test_a_truncated_stream_is_found_by_verify(
     ledger: list[Payment], store: EventStore, database: IsolatedDatabase
 ) -> None:
     last = await _seq_of(store, ledger[0], "PaymentSettled")
-    with _owner(database) as conn:
-        conn.execute("ALTER TABLE events DISABLE TRIGGER events_no_update_or_delete")
-        conn.execute("DELETE FROM events WHERE global_seq = %s", (last,))
-        conn.execute("ALTER TABLE events ENABLE TRIGGER events_no_update_or_delete")
+    _tamper(database, "DELETE FROM events WHERE global_seq = %s", last)
     result = _cli(database, "verify")
     assert result.returncode == 1
     assert "head-mismatch" in result.stdout

@@ -1,0 +1,134 @@
+"""What the benchmarks share: timing a workload, the floor, and a local stack to run on."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from bench.floor import FloorWorkflow, no_op
+from ledger.store import EventStore
+from paysaga import migrate
+from paysaga.db import DatabaseUrls
+from paysaga.embedded_pg import EmbeddedPostgres, stop_server
+from paysaga.settings import Settings
+from paysaga.temporal import find_binary
+from worker import sandbox_runner, worker_tuning
+from workflows.search_attributes import ALL_SEARCH_ATTRIBUTES
+
+APP_ROLE = "paysaga_app"
+STORE_POOL_SIZE = 16
+
+
+@dataclass
+class Run:
+    name: str
+    payments: int
+    concurrency: int
+    seconds: float
+    per_s: float
+    p50_ms: float
+    p99_ms: float
+    # CPU this process spent per workflow (client and, where it runs here, the worker).
+    process_cpu_ms: float = 0.0
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+async def drive(
+    name: str, count: int, concurrency: int, one: Callable[[int], Awaitable[None]]
+) -> Run:
+    """Run `one(i)` for i in range(count), `concurrency` at a time; time each."""
+    latencies_ms: list[float] = []
+    next_index = 0
+
+    async def lane() -> None:
+        nonlocal next_index
+        while next_index < count:
+            index = next_index
+            next_index += 1
+            started = time.perf_counter()
+            await one(index)
+            latencies_ms.append((time.perf_counter() - started) * 1000)
+
+    started = time.perf_counter()
+    cpu_started = time.process_time()
+    await asyncio.gather(*(lane() for _ in range(concurrency)))
+    seconds = time.perf_counter() - started
+    cpu_ms = (time.process_time() - cpu_started) * 1000 / count
+    return Run(
+        name=name,
+        payments=count,
+        concurrency=concurrency,
+        seconds=round(seconds, 2),
+        per_s=round(count / seconds, 2),
+        p50_ms=round(percentile(latencies_ms, 0.5), 1),
+        p99_ms=round(percentile(latencies_ms, 0.99), 1),
+        process_cpu_ms=round(cpu_ms, 1),
+    )
+
+
+async def run_floor(client: Client, settings: Settings, count: int, concurrency: int) -> Run:
+    """FloorWorkflow `count` times, with a worker tuned exactly like the saga's."""
+    queue = f"floor-{uuid.uuid4()}"
+    async with Worker(
+        client,
+        task_queue=queue,
+        workflows=[FloorWorkflow],
+        activities=[no_op],
+        workflow_runner=sandbox_runner(),
+        **worker_tuning(settings),
+    ):
+
+        async def one(index: int) -> None:
+            await client.execute_workflow(
+                FloorWorkflow.run, f"floor-{index}", id=f"floor-{uuid.uuid4()}", task_queue=queue
+            )
+
+        return await drive("floor (4 regular no-op activities)", count, concurrency, one)
+
+
+@dataclass
+class LocalServers:
+    client: Client
+    store: EventStore
+
+
+@asynccontextmanager
+async def local_servers(prefix: str) -> AsyncIterator[LocalServers]:
+    """An embedded PostgreSQL and a Temporal dev server persisting to SQLite, as `make up`."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    pg = EmbeddedPostgres(workdir / "pg", app_role=APP_ROLE)
+    pg_process = pg.start(log_path=workdir / "postgres.log")
+    try:
+        pg.bootstrap()
+        migrate.upgrade(pg.owner_url(), APP_ROLE)
+        urls = DatabaseUrls(owner_url=pg.owner_url(), app_url=pg.app_url(), app_role=APP_ROLE)
+        env = await WorkflowEnvironment.start_local(
+            dev_server_existing_path=find_binary("temporal"),
+            dev_server_database_filename=str(workdir / "temporal.sqlite"),
+            search_attributes=ALL_SEARCH_ATTRIBUTES,
+            data_converter=pydantic_data_converter,
+            dev_server_log_level="error",
+        )
+        store = await EventStore.open(urls, pool_size=STORE_POOL_SIZE)
+        try:
+            yield LocalServers(env.client, store)
+        finally:
+            await store.close()
+            await env.shutdown()
+    finally:
+        stop_server(pg_process)
