@@ -90,3 +90,23 @@ async def test_metrics_count_requests_by_route_and_status(http: httpx.AsyncClien
     assert 'paysaga_http_requests_total{method="GET",route="/healthz",status="200"} 1.0' in text
     assert 'route="<unmatched>",status="404"' in text
     assert "paysaga_http_request_duration_seconds_bucket" in text
+
+
+async def test_a_lost_database_is_a_503_problem_not_a_crash(
+    settings: Settings, store: EventStore, temporal_client: Client
+) -> None:
+    dead = create_async_engine(
+        "postgresql+psycopg://nobody@127.0.0.1:9/none", connect_args={"connect_timeout": 1}
+    )
+    app = create_app(
+        settings, store=EventStore(dead, store.appends), temporal_client=temporal_client
+    )
+    async for http in _serve(app):
+        response = await http.get(
+            "/v1/payments", headers={"Authorization": "Bearer psk_000000000000_" + "A" * 43}
+        )
+    await dead.dispose()
+    assert response.status_code == 503
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["code"] == "database_unavailable"
+    assert response.headers["Retry-After"] == "1"
