@@ -152,24 +152,33 @@ class LedgerActivities:
         )
         return InitiateResult(global_seq=recorded.global_seq, risk=risk)
 
-    @activity.defn(name="ledger.release_if_reserved")
-    async def release_if_reserved(self, undo: Compensate) -> Recorded | None:
-        """Compensation: return a hold, if the ledger shows one still held."""
+    async def _undo(
+        self,
+        undo: Compensate,
+        *,
+        while_in: frozenset[str],
+        undone: str,
+        step: str,
+        event_type: str,
+        carried: str,
+    ) -> Recorded | None:
+        """Append the compensating event, if and only if the stream is in `while_in`.
+
+        `carried` is the field copied from the event being undone (`undone`).
+        """
         stream = payment_stream(undo.payment_id)
         head = await self.store.stream_head(stream)
-        if head is None or head.state != "reserved":
+        if head is None or head.state not in while_in:
             return None
-        hold = next(
-            e for e in await self.store.read_stream(stream) if e.event_type == "FundsReserved"
-        )
+        original = next(e for e in await self.store.read_stream(stream) if e.event_type == undone)
         return await self._append(
             RecordEvent(
                 payment_id=undo.payment_id,
-                step="release",
-                event_type="FundsReleased",
+                step=step,
+                event_type=event_type,
                 payload={
                     "payment_id": undo.payment_id,
-                    "amount_minor": hold.payload["amount_minor"],
+                    carried: original.payload[carried],
                     "reason": undo.reason,
                 },
                 actor=undo.actor,
@@ -177,29 +186,28 @@ class LedgerActivities:
             )
         )
 
+    @activity.defn(name="ledger.release_if_reserved")
+    async def release_if_reserved(self, undo: Compensate) -> Recorded | None:
+        """Compensation: return a hold, if the ledger shows one still held."""
+        return await self._undo(
+            undo,
+            while_in=frozenset({"reserved"}),
+            undone="FundsReserved",
+            step="release",
+            event_type="FundsReleased",
+            carried="amount_minor",
+        )
+
     @activity.defn(name="ledger.record_void_if_authorized")
     async def record_void_if_authorized(self, undo: Compensate) -> Recorded | None:
         """Compensation: record the void of an authorization the ledger holds."""
-        stream = payment_stream(undo.payment_id)
-        head = await self.store.stream_head(stream)
-        if head is None or head.state not in _AUTHORIZED_STATES:
-            return None
-        authorized = next(
-            e for e in await self.store.read_stream(stream) if e.event_type == "PaymentAuthorized"
-        )
-        return await self._append(
-            RecordEvent(
-                payment_id=undo.payment_id,
-                step="void",
-                event_type="AuthorizationVoided",
-                payload={
-                    "payment_id": undo.payment_id,
-                    "authorization_id": authorized.payload["authorization_id"],
-                    "reason": undo.reason,
-                },
-                actor=undo.actor,
-                causation_id=undo.causation_id,
-            )
+        return await self._undo(
+            undo,
+            while_in=_AUTHORIZED_STATES,
+            undone="PaymentAuthorized",
+            step="void",
+            event_type="AuthorizationVoided",
+            carried="authorization_id",
         )
 
     @activity.defn(name="ledger.payment_status")
