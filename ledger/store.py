@@ -74,9 +74,6 @@ _READ_RANGE = text(
     f"SELECT {_EVENT_COLUMNS} FROM events WHERE global_seq > :after_seq "
     "ORDER BY global_seq LIMIT :limit"
 )
-_READ_BY_IDS = text(
-    f"SELECT {_EVENT_COLUMNS} FROM events WHERE event_id IN :event_ids ORDER BY global_seq"
-).bindparams(bindparam("event_ids", expanding=True))
 _POSITION_COLUMNS = (
     "p.account_id, p.currency, p.overdraft_limit_minor, p.debits_pending, p.debits_posted, "
     "p.credits_pending, p.credits_posted, p.last_seq"
@@ -356,12 +353,6 @@ class EventStore:
         if not 1 <= limit <= READ_LIMIT_MAX:
             raise ValueError(f"limit must be between 1 and {READ_LIMIT_MAX}")
         rows = await self._fetch(_READ_RANGE, {"after_seq": after_seq, "limit": limit})
-        return [_recorded(row) for row in rows]
-
-    async def read_events(self, event_ids: Sequence[uuid.UUID]) -> list[RecordedEvent]:
-        if not event_ids:
-            return []
-        rows = await self._fetch(_READ_BY_IDS, {"event_ids": list(event_ids)})
         return [_recorded(row) for row in rows]
 
     async def stream_head(self, stream_id: str) -> StreamHead | None:

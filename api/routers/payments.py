@@ -20,6 +20,7 @@ import asyncio
 import base64
 import contextlib
 import logging
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -66,6 +67,7 @@ from workflows.models import (
     CancelRequest,
     PaymentRequest,
     PaymentState,
+    PaymentStatus,
     RejectRequest,
     UpdateAccepted,
     workflow_id_for,
@@ -79,19 +81,21 @@ WAIT_SETTLED_S_MAX = 30.0
 LIST_LIMIT_MAX = 200
 LIST_LIMIT_DEFAULT = 50
 QUERY_TIMEOUT_S = 5.0
-_TERMINAL_REASON_FIELDS = ("reason",)
-PaymentIdPath = Annotated[str, "a payment id"]
 
 
 def status_url(payment_id: str) -> str:
     return f"/v1/payments/{payment_id}"
 
 
-def _from_events(events: list[RecordedEvent]) -> PaymentOut:
-    initiated = events[0].payload
-    state = replay(events[0].stream_id, [e.event_type for e in events])
-    last = events[-1]
-    reason = last.payload.get("reason") if state in TERMINAL_STATES else None
+def _from_ledger(
+    initiated: dict[str, Any],
+    state: str,
+    created_at: datetime,
+    updated_at: datetime,
+    last_payload: dict[str, Any],
+) -> PaymentOut:
+    """A payment as the ledger records it: its PaymentInitiated, its state, its last event."""
+    failed = state in TERMINAL_STATES and state != "settled"
     return PaymentOut(
         id=initiated["payment_id"],
         status=PAYMENT_STATUS_BY_STATE[state],
@@ -102,9 +106,16 @@ def _from_events(events: list[RecordedEvent]) -> PaymentOut:
         currency=initiated["currency"],
         reference=initiated.get("reference"),
         metadata=initiated.get("metadata") or {},
-        created_at=events[0].recorded_at,
-        updated_at=last.recorded_at,
-        failure_reason=None if state == "settled" else reason,
+        created_at=created_at,
+        updated_at=updated_at,
+        failure_reason=last_payload.get("reason") if failed else None,
+    )
+
+
+def _from_events(events: list[RecordedEvent]) -> PaymentOut:
+    state = replay(events[0].stream_id, [e.event_type for e in events])
+    return _from_ledger(
+        events[0].payload, state, events[0].recorded_at, events[-1].recorded_at, events[-1].payload
     )
 
 
@@ -152,8 +163,6 @@ async def read_payment(store: EventStore, client: Client | None, payment_id: str
 
 
 def _check_payment_id(payment_id: str) -> None:
-    import re
-
     if not re.match(PAYMENT_ID_PATTERN, payment_id):
         raise ProblemError(404, "payment_not_found", f"no payment {payment_id!r}")
     payment_id_var.set(payment_id)
@@ -337,21 +346,7 @@ _LIST = text(
 async def list_payments(
     store: StoreDep,
     key: PaymentsReadKey,
-    status: Annotated[
-        Literal[
-            "INITIATED",
-            "AUTHORIZED",
-            "PENDING_APPROVAL",
-            "RESERVED",
-            "SETTLED",
-            "DECLINED",
-            "REJECTED",
-            "FAILED",
-            "CANCELLED",
-        ]
-        | None,
-        Query(),
-    ] = None,
+    status: Annotated[PaymentStatus | None, Query()] = None,
     account_id: Annotated[str | None, Query(max_length=64)] = None,
     limit: Annotated[int, Query(ge=1, le=LIST_LIMIT_MAX)] = LIST_LIMIT_DEFAULT,
     cursor: Annotated[str | None, Query(max_length=40)] = None,
@@ -368,28 +363,10 @@ async def list_payments(
                 {"before": before, "states": states, "account": account_id, "limit": limit + 1},
             )
         ).all()
-    payments = []
-    for row in rows[:limit]:
-        initiated = row.payload
-        terminal = row.state in TERMINAL_STATES
-        payments.append(
-            PaymentOut(
-                id=initiated["payment_id"],
-                status=PAYMENT_STATUS_BY_STATE[row.state],
-                status_url=status_url(initiated["payment_id"]),
-                payer_account_id=initiated["payer_account_id"],
-                payee_account_id=initiated["payee_account_id"],
-                amount_minor=initiated["amount_minor"],
-                currency=initiated["currency"],
-                reference=initiated.get("reference"),
-                metadata=initiated.get("metadata") or {},
-                created_at=row.created_at,
-                updated_at=row.updated_at,
-                failure_reason=(
-                    row.last_payload.get("reason") if terminal and row.state != "settled" else None
-                ),
-            )
-        )
+    payments = [
+        _from_ledger(row.payload, row.state, row.created_at, row.updated_at, row.last_payload)
+        for row in rows[:limit]
+    ]
     next_cursor = _encode_cursor(rows[limit - 1].global_seq) if len(rows) > limit else None
     return PaymentList(payments=payments, next_cursor=next_cursor)
 
