@@ -11,6 +11,7 @@ COPY paysaga ./paysaga
 COPY workflows ./workflows
 COPY activities ./activities
 COPY ledger ./ledger
+COPY migrations ./migrations
 COPY api ./api
 RUN pip install . && useradd --system --no-create-home paysaga
 

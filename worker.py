@@ -21,7 +21,7 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 from activities.ledger import LedgerActivities
 from activities.processor import Authorizer, ProcessorActivities, SimulatedProcessor
 from ledger.store import EventStore
-from paysaga.db import database_urls
+from paysaga.db import database_urls, open_store
 from paysaga.settings import Settings
 from paysaga.temporal import connect
 from workflows.diagnostics import PingWorkflow
@@ -96,7 +96,7 @@ async def run_worker(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
     client = await connect(settings)
     # One connection per concurrent local activity is all the ledger can use.
-    store = await EventStore.open(
+    store = await open_store(
         database_urls(settings), pool_size=min(settings.worker_local_activities_max, 32)
     )
     worker = build_worker(client, settings, activities=payment_activities(store))
@@ -117,7 +117,19 @@ async def run_worker(settings: Settings) -> None:
     log.info("worker stopped")
 
 
-if __name__ == "__main__":
-    from paysaga.cli import main
+def main() -> None:
+    """Run the worker with the process's settings (`paysaga worker` calls this)."""
+    from paysaga.logs import configure_logging
+    from paysaga.settings import get_settings
 
-    main(["worker"])
+    settings = get_settings()
+    configure_logging("worker", level=settings.log_level, json_lines=settings.log_json)
+    asyncio.run(run_worker(settings))
+
+
+if __name__ == "__main__":
+    import os
+
+    main()
+    # A process that used a Temporal client can abort at exit (sdk-python issue 300).
+    os._exit(0)

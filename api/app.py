@@ -18,7 +18,7 @@ from api import problems
 from api.metrics import ApiMetrics
 from api.routers import accounts, events, health, payments
 from ledger.store import EventStore
-from paysaga.db import database_urls
+from paysaga.db import database_urls, open_store
 from paysaga.logs import request_id_var
 from paysaga.settings import Settings, get_settings
 from paysaga.temporal import LazyClient
@@ -108,7 +108,7 @@ async def request_context(
 async def _refresh_payment_metrics(app: FastAPI) -> None:
     while True:
         with contextlib.suppress(Exception):
-            await app.state.metrics.refresh_payments(app.state.store.engine)
+            await app.state.metrics.refresh_payments(app.state.store)
         await asyncio.sleep(PAYMENT_METRICS_REFRESH_S)
 
 
@@ -124,10 +124,9 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.store = store or await EventStore.open(
+        app.state.store = store or await open_store(
             database_urls(settings), pool_size=settings.db_pool_size
         )
-        app.state.engine = app.state.store.engine
         app.state.temporal = LazyClient(settings, temporal_client)
         refresher = asyncio.create_task(_refresh_payment_metrics(app))
         try:

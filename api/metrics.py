@@ -14,10 +14,9 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger.state_machine import PAYMENT_STATUS_BY_STATE, TERMINAL_STATES
+from ledger.store import EventStore
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -46,17 +45,9 @@ class ApiMetrics:
             registry=self.registry,
         )
 
-    async def refresh_payments(self, engine: AsyncEngine) -> None:
+    async def refresh_payments(self, store: EventStore) -> None:
         """Count ended payments by status, from the ledger's stream heads."""
-        async with engine.connect() as conn:
-            rows = await conn.execute(
-                text(
-                    "SELECT state, count(*) AS n FROM streams "
-                    "WHERE stream_id LIKE 'payment-%' AND state = ANY (:states) GROUP BY state"
-                ),
-                {"states": sorted(TERMINAL_STATES)},
-            )
-            counts = {row.state: row.n for row in rows}
+        counts = await store.count_streams_by_state("payment", sorted(TERMINAL_STATES))
         for state in TERMINAL_STATES:
             self.payments.labels(PAYMENT_STATUS_BY_STATE[state]).set(counts.get(state, 0))
 

@@ -19,7 +19,7 @@ from temporalio.worker import Worker
 from bench.floor import FloorWorkflow, no_op
 from ledger.store import EventStore
 from paysaga import migrate
-from paysaga.db import DatabaseUrls
+from paysaga.db import DatabaseUrls, open_store
 from paysaga.embedded_pg import EmbeddedPostgres, stop_server
 from paysaga.settings import Settings
 from paysaga.temporal import find_binary
@@ -124,7 +124,7 @@ async def local_servers(prefix: str) -> AsyncIterator[LocalServers]:
             data_converter=pydantic_data_converter,
             dev_server_log_level="error",
         )
-        store = await EventStore.open(urls, pool_size=STORE_POOL_SIZE)
+        store = await open_store(urls, pool_size=STORE_POOL_SIZE)
         try:
             yield LocalServers(env.client, store)
         finally:

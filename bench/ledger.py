@@ -39,6 +39,7 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from ledger.db import to_libpq_url, with_database  # noqa: E402
 from ledger.events import (  # noqa: E402
     AccountOpened,
     FundsReserved,
@@ -49,9 +50,9 @@ from ledger.events import (  # noqa: E402
     event_id_for,
     payment_stream,
 )
-from ledger.store import EventStore, NewEvent  # noqa: E402
+from ledger.store import NewEvent  # noqa: E402
 from paysaga import migrate  # noqa: E402
-from paysaga.db import DatabaseUrls, to_libpq_url, with_database  # noqa: E402
+from paysaga.db import DatabaseUrls, open_store  # noqa: E402
 from paysaga.embedded_pg import EmbeddedPostgres, stop_server  # noqa: E402
 
 APP_ROLE = "paysaga_app"
@@ -104,7 +105,7 @@ async def run_scenario(
     accounts: int,
     server_pid: int | None,
 ) -> Result:
-    store = await EventStore.open(urls, pool_size=writers)
+    store = await open_store(urls, pool_size=writers)
     payers = [f"payer-{i}" for i in range(accounts)]
     payees = [f"payee-{i}" for i in range(accounts)] if scenario == "uniform" else ["hot-payee"]
     await store.open_account(

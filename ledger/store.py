@@ -29,7 +29,7 @@ import json
 import logging
 import random
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -42,10 +42,10 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger import errors
+from ledger.db import create_reader_engine, to_libpq_url
 from ledger.events import AccountOpened, DomainEvent, account_stream, parse_event
 from ledger.hashing import canonical_json, content_digest
 from ledger.state_machine import TERMINAL_STATES, transitions_for
-from paysaga.db import DatabaseUrls, create_app_engine, to_libpq_url
 
 log = logging.getLogger("paysaga.ledger")
 
@@ -181,6 +181,24 @@ class StreamHead:
         return self.state in TERMINAL_STATES
 
 
+@dataclass(frozen=True)
+class PaymentSummary:
+    """A payment as listed: its PaymentInitiated, its stream's state and its last event."""
+
+    initiated_seq: int
+    initiated: dict[str, Any]
+    state: str
+    created_at: datetime
+    updated_at: datetime
+    last_payload: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class PayerActivity:
+    kind: str | None  # None: no such account
+    recent_payments: int
+
+
 class EventStore:
     """The ledger's store: appends through psycopg's pool, reads through SQLAlchemy."""
 
@@ -200,19 +218,21 @@ class EventStore:
     @classmethod
     async def open(
         cls,
-        urls: DatabaseUrls,
+        url: str,
         *,
+        connect_args: Mapping[str, Any] | None = None,
         pool_size: int = 10,
         engine: AsyncEngine | None = None,
     ) -> EventStore:
-        """A store on these URLs, acting as the application role. Close it when done.
+        """A store on this URL (the application role's login). Close it when done.
 
         Pass `engine` to share an existing engine for reads; otherwise the store makes
         (and later disposes of) its own.
         """
+        extra = dict(connect_args or {})
         appends: AsyncConnectionPool = AsyncConnectionPool(
-            to_libpq_url(urls.app_login_url),
-            kwargs={"autocommit": True, "row_factory": namedtuple_row, **urls.app_connect_args()},
+            to_libpq_url(url),
+            kwargs={"autocommit": True, "row_factory": namedtuple_row, **extra},
             min_size=pool_size,
             max_size=pool_size,
             open=False,
@@ -221,7 +241,9 @@ class EventStore:
         await appends.open()
         owns_engine = engine is None
         if engine is None:
-            engine = create_app_engine(urls, pool_size=pool_size, pool_overflow_max=pool_size)
+            engine = create_reader_engine(
+                url, connect_args=extra, pool_size=pool_size, pool_overflow_max=pool_size
+            )
         return cls(engine, appends, owns_engine=owns_engine)
 
     async def close(self) -> None:
@@ -390,6 +412,66 @@ class EventStore:
             position=_position(row),
         )
 
+    async def list_payments(
+        self,
+        *,
+        before_seq: int,
+        limit: int,
+        states: Sequence[str] | None = None,
+        account_id: str | None = None,
+    ) -> list[PaymentSummary]:
+        """Payments newest first (by their PaymentInitiated), with their stream's state.
+
+        `states` filters on the stream state; `account_id` on payer or payee.
+        """
+        if not 1 <= limit <= READ_LIMIT_MAX:
+            raise ValueError(f"limit must be between 1 and {READ_LIMIT_MAX}")
+        rows = await self._fetch(
+            _LIST_PAYMENTS,
+            {
+                "before": before_seq,
+                "states": list(states) if states is not None else None,
+                "account": account_id,
+                "limit": limit,
+            },
+        )
+        return [
+            PaymentSummary(
+                initiated_seq=row.global_seq,
+                initiated=row.payload,
+                state=row.state,
+                created_at=row.created_at,
+                updated_at=row.updated_at,
+                last_payload=row.last_payload,
+            )
+            for row in rows
+        ]
+
+    async def count_streams_by_state(self, kind: str, states: Sequence[str]) -> dict[str, int]:
+        """How many streams of one kind (`payment`, `account`) are in each of `states`."""
+        rows = await self._fetch(_COUNT_BY_STATE, {"prefix": f"{kind}-%", "states": sorted(states)})
+        return {row.state: int(row.n) for row in rows}
+
+    async def payer_activity(
+        self, payer_account_id: str, *, window_s: int, excluding_stream: str
+    ) -> PayerActivity:
+        """The payer's account kind and how many payments it started in the last window."""
+        rows = await self._fetch(
+            _PAYER_ACTIVITY,
+            {"payer": payer_account_id, "window_s": window_s, "stream_id": excluding_stream},
+        )
+        return PayerActivity(kind=rows[0].kind, recent_payments=int(rows[0].recent))
+
+    async def clock_minus(self, seconds: float) -> datetime:
+        """The database's clock, `seconds` ago."""
+        rows = await self._fetch(_CLOCK_MINUS, {"seconds": seconds})
+        moment: datetime = rows[0].moment
+        return moment
+
+    async def ping(self) -> None:
+        """One round trip to the database."""
+        await self._fetch(_PING, {})
+
 
 _STREAM_HEAD = text(
     "SELECT stream_id, version, state, last_hash, last_seq FROM streams "
@@ -406,6 +488,44 @@ _ACCOUNT = text(
     "JOIN events e ON e.global_seq = a.opened_seq "
     "WHERE a.account_id = :id"
 )
+
+
+_LIST_PAYMENTS = text(
+    """
+    SELECT e.global_seq, e.payload, e.recorded_at AS created_at, s.state,
+           last.recorded_at AS updated_at, last.payload AS last_payload
+      FROM events e
+      JOIN streams s ON s.stream_id = e.stream_id
+      JOIN events last ON last.global_seq = s.last_seq
+     WHERE e.event_type = 'PaymentInitiated'
+       AND e.global_seq < :before
+       AND (CAST(:states AS text[]) IS NULL OR s.state = ANY (CAST(:states AS text[])))
+       AND (CAST(:account AS text) IS NULL
+            OR e.payload->>'payer_account_id' = :account
+            OR e.payload->>'payee_account_id' = :account)
+     ORDER BY e.global_seq DESC
+     LIMIT :limit
+    """
+)
+_COUNT_BY_STATE = text(
+    "SELECT state, count(*) AS n FROM streams "
+    "WHERE stream_id LIKE :prefix AND state = ANY (:states) GROUP BY state"
+)
+# The payer's kind and its recent payments, in one round trip.
+_PAYER_ACTIVITY = text(
+    """
+    SELECT a.kind,
+           (SELECT count(*) FROM events e
+             WHERE e.event_type = 'PaymentInitiated'
+               AND e.payload->>'payer_account_id' = :payer
+               AND e.recorded_at > clock_timestamp() - make_interval(secs => :window_s)
+               AND e.stream_id <> :stream_id) AS recent
+      FROM (SELECT :payer AS account_id) AS p
+      LEFT JOIN accounts a ON a.account_id = p.account_id
+    """
+)
+_CLOCK_MINUS = text("SELECT clock_timestamp() - make_interval(secs => :seconds) AS moment")
+_PING = text("SELECT 1")
 
 
 def _recorded(row: Any) -> RecordedEvent:

@@ -82,11 +82,10 @@ def up() -> None:
 @app.command()
 def worker() -> None:
     """Run the Temporal worker against the configured servers."""
-    from worker import run_worker
+    import worker as worker_service
 
-    settings = _settings()
-    _configure_logging("worker", settings)
-    asyncio.run(run_worker(settings))
+    _settings()  # a configuration error is reported here, as for every command
+    worker_service.main()
 
 
 @app.command()

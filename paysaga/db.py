@@ -18,32 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from ledger.db import create_reader_engine, to_sqlalchemy_url
+from ledger.store import EventStore
 from paysaga.settings import Settings
-
-SQLALCHEMY_DRIVER = "postgresql+psycopg"
-
-
-def to_sqlalchemy_url(url: str | URL) -> URL:
-    """The same database, addressed through SQLAlchemy's psycopg 3 dialect."""
-    parsed = make_url(url) if isinstance(url, str) else url
-    if parsed.get_backend_name() != "postgresql":
-        raise ValueError(f"paysaga needs PostgreSQL, not {parsed.get_backend_name()!r}")
-    return parsed.set(drivername=SQLALCHEMY_DRIVER)
-
-
-def to_libpq_url(url: str | URL) -> str:
-    """The same database as a plain libpq URL, for psycopg and the PostgreSQL tools."""
-    parsed = make_url(url) if isinstance(url, str) else url
-    return parsed.set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-def with_database(url: str | URL, database: str) -> URL:
-    """The same server and credentials, pointed at another database."""
-    parsed = make_url(url) if isinstance(url, str) else url
-    return parsed.set(database=database)
 
 
 @dataclass(frozen=True)
@@ -89,24 +68,27 @@ def database_urls(settings: Settings) -> DatabaseUrls:
 def create_app_engine(
     urls: DatabaseUrls, *, pool_size: int = 10, pool_overflow_max: int = 10
 ) -> AsyncEngine:
-    """An async engine that acts as the application role.
-
-    In autocommit mode: everything the services run through it is a single statement,
-    and an implicit BEGIN ... ROLLBACK around each would triple its round trips. Work
-    that needs a transaction (the ledger walks) asks for one explicitly. No pre-ping
-    either (another round trip per checkout): a connection lost to a database restart
-    fails one statement, the pool is then invalidated, and the API answers that
-    request with a 503 to retry.
-    """
-    return create_async_engine(
-        to_sqlalchemy_url(urls.app_login_url),
-        pool_size=pool_size,
-        max_overflow=pool_overflow_max,
-        isolation_level="AUTOCOMMIT",
+    """An async engine that acts as the application role (see `ledger.db`)."""
+    return create_reader_engine(
+        urls.app_login_url,
         connect_args=urls.app_connect_args(),
+        pool_size=pool_size,
+        pool_overflow_max=pool_overflow_max,
     )
 
 
 def create_owner_engine(urls: DatabaseUrls) -> AsyncEngine:
     """An async engine that acts as the schema owner (administrative commands, tests)."""
     return create_async_engine(to_sqlalchemy_url(urls.owner_url), pool_size=2, max_overflow=2)
+
+
+async def open_store(
+    urls: DatabaseUrls, *, pool_size: int = 10, engine: AsyncEngine | None = None
+) -> EventStore:
+    """The event store, acting as the application role. Close it when done."""
+    return await EventStore.open(
+        urls.app_login_url,
+        connect_args=urls.app_connect_args(),
+        pool_size=pool_size,
+        engine=engine,
+    )

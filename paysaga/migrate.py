@@ -4,17 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from alembic import command, context
+from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, pool
 
-import ledger
-from paysaga.db import to_sqlalchemy_url
-from paysaga.settings import get_settings
+import migrations
+from ledger.db import to_sqlalchemy_url
 
-MIGRATIONS_DIR = Path(ledger.__file__).resolve().parent / "migrations"
+MIGRATIONS_DIR = Path(migrations.__file__).resolve().parent
 
 
 def alembic_config(owner_url: str, app_role: str) -> Config:
@@ -47,9 +46,3 @@ def current_revision(owner_url: str) -> str | None:
             return MigrationContext.configure(connection).get_current_revision()
     finally:
         engine.dispose()
-
-
-def app_role() -> str:
-    """The application role's name, for migration scripts that grant it privileges."""
-    role = context.config.attributes.get("app_role")
-    return str(role) if role else get_settings().db_app_role

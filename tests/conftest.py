@@ -29,7 +29,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from api.app import create_app
 from ledger.store import EventStore
-from paysaga.db import create_app_engine, create_owner_engine
+from paysaga.db import create_app_engine, create_owner_engine, open_store
 from paysaga.settings import Settings
 from tests.harness.api import Api, make_keys, serve
 from tests.harness.postgres import IsolatedDatabase, PostgresServer, postgres_server
@@ -88,7 +88,7 @@ async def owner_engine(database: IsolatedDatabase) -> AsyncIterator[AsyncEngine]
 @pytest.fixture
 async def store(database: IsolatedDatabase, app_engine: AsyncEngine) -> AsyncIterator[EventStore]:
     """The event store, as the services use it: through the application role."""
-    store = await EventStore.open(database.urls, pool_size=4, engine=app_engine)
+    store = await open_store(database.urls, pool_size=4, engine=app_engine)
     yield store
     await store.close()
 

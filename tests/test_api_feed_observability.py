@@ -42,7 +42,7 @@ async def test_the_feed_waits_at_a_gap_that_a_late_commit_may_still_fill(
 ) -> None:
     import psycopg
 
-    from paysaga.db import to_libpq_url
+    from ledger.db import to_libpq_url
 
     await open_account(store, "a")
     # A sequence number taken by an append that has not committed (here: never will).
@@ -80,7 +80,7 @@ async def test_metrics_count_requests_and_payments_by_terminal_status(
     await api.pay("alice", "bob", 10)
     await api.pay("alice", "bob", 10, metadata={"simulate": "decline"})
     app = api.http._transport.app  # type: ignore[attr-defined]
-    await app.state.metrics.refresh_payments(store.engine)
+    await app.state.metrics.refresh_payments(store)
     metrics = (await api.http.get("/metrics")).text
     assert (
         'paysaga_http_requests_total{method="POST",route="/v1/payments",status="202"} 2.0'

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,22 @@ def test_the_dockerfile_copies_only_what_exists_and_installs_the_cli() -> None:
             for source in line.split()[1:-1]:
                 assert (ROOT / source).exists(), f"Dockerfile copies missing {source}"
     assert "pip install ." in dockerfile
+
+
+def test_the_dockerfile_copies_every_package_the_project_installs() -> None:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    modules = pyproject["tool"]["setuptools"]["py-modules"]
+    copied = {
+        source.rstrip("/")
+        for line in (ROOT / "Dockerfile").read_text().splitlines()
+        if line.startswith("COPY ")
+        for source in line.split()[1:-1]
+    }
+    for package in packages:
+        assert package.rstrip("*") in copied, f"the image lacks the {package} package"
+    for module in modules:
+        assert f"{module}.py" in copied, f"the image lacks {module}.py"
 
 
 def test_the_command_check_rejects_what_is_not_a_command() -> None:

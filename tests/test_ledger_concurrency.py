@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from ledger import errors
 from ledger.store import AppendResult, EventStore, NewEvent
 from ledger.verify import check_ledger, verify_chain
+from paysaga.db import open_store
 from tests.harness.ledger import Payment, fund, open_account
 from tests.harness.postgres import IsolatedDatabase
 
@@ -21,7 +22,7 @@ CONNECTIONS = 40
 @pytest.fixture
 async def wide_store(database: IsolatedDatabase) -> AsyncIterator[EventStore]:
     """A store with a connection for every concurrent writer."""
-    store = await EventStore.open(database.urls, pool_size=CONNECTIONS)
+    store = await open_store(database.urls, pool_size=CONNECTIONS)
     yield store
     await store.close()
 

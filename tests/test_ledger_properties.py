@@ -19,6 +19,7 @@ from ledger import errors
 from ledger.fold import zero_sum_violations
 from ledger.store import EventStore
 from ledger.verify import check_ledger, verify_chain
+from paysaga.db import open_store
 from tests.harness.ledger import Payment, fund, open_account
 from tests.harness.postgres import PostgresServer
 
@@ -119,7 +120,7 @@ async def assert_invariants(store: EventStore, engine: AsyncEngine) -> None:
 @given(ops=operations)
 async def test_random_operations_keep_every_invariant(pg_server: PostgresServer, ops) -> None:
     with pg_server.database() as db:
-        store = await EventStore.open(db.urls, pool_size=2)
+        store = await open_store(db.urls, pool_size=2)
         try:
             model = Model(store)
             for op in ops:

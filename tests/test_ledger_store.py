@@ -12,11 +12,11 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger import errors
+from ledger.db import to_libpq_url
 from ledger.events import AccountOpened, PaymentApproved, PaymentSettled, Posting
 from ledger.hashing import GENESIS_HASH
 from ledger.store import EventStore, NewEvent
 from ledger.verify import check_ledger, verify_chain
-from paysaga.db import to_libpq_url
 from tests.harness.ledger import Payment, fund, open_account
 from tests.harness.postgres import IsolatedDatabase, PostgresServer
 

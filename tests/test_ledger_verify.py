@@ -9,8 +9,8 @@ import uuid
 import psycopg
 import pytest
 
+from ledger.db import to_libpq_url
 from ledger.store import EventStore
-from paysaga.db import to_libpq_url
 from tests.harness.ledger import Payment, fund, open_account
 from tests.harness.postgres import IsolatedDatabase
 from tests.harness.stack import clean_env, paysaga

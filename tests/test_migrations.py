@@ -6,8 +6,8 @@ import psycopg
 import pytest
 from alembic.script import ScriptDirectory
 
+from ledger.db import to_libpq_url
 from paysaga import migrate
-from paysaga.db import to_libpq_url
 from tests.harness.postgres import APP_ROLE, PostgresServer
 
 

@@ -168,7 +168,7 @@ def test_up_runs_against_external_postgres_and_temporal(
     else:
         admin_url = pg_server.admin_url
     name = f"paysaga_ext_{uuid.uuid4().hex[:8]}"
-    from paysaga.db import to_libpq_url, with_database
+    from ledger.db import to_libpq_url, with_database
 
     with psycopg.connect(to_libpq_url(admin_url), autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))

@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query
-from sqlalchemy import text
 
 from api.deps import FeedKey, StoreDep
 from api.models import EventFeed
@@ -25,8 +24,6 @@ router = APIRouter(prefix="/v1/events", tags=["events"], responses=COMMON_RESPON
 FEED_LIMIT_MAX = 1000
 FEED_LIMIT_DEFAULT = 100
 GAP_GRACE_S = 2.0
-
-_SETTLED_GAPS = text("SELECT clock_timestamp() - make_interval(secs => :grace) AS horizon")
 
 
 @router.get("", response_model=EventFeed)
@@ -40,8 +37,7 @@ async def event_feed(
     events = await store.read_range(after_seq=after_seq, limit=limit)
     if not events:
         return EventFeed(events=[], next_after_seq=after_seq)
-    async with store.engine.connect() as conn:
-        horizon = (await conn.execute(_SETTLED_GAPS, {"grace": GAP_GRACE_S})).scalar_one()
+    horizon = await store.clock_minus(GAP_GRACE_S)
     handed_out = []
     expected = after_seq + 1
     for event in events:

@@ -9,7 +9,6 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
-from sqlalchemy import text
 
 router = APIRouter(tags=["health"])
 READINESS_CHECK_TIMEOUT_S = 2.0
@@ -46,8 +45,7 @@ async def _timed(probe: Any) -> DependencyCheck:
 
 
 async def _check_database(request: Request) -> None:
-    async with request.app.state.engine.connect() as conn:
-        await conn.execute(text("SELECT 1"))
+    await request.app.state.store.ping()
 
 
 async def _check_temporal(request: Request) -> None:

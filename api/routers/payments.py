@@ -25,7 +25,6 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Response
-from sqlalchemy import text
 from temporalio.client import (
     Client,
     WorkflowFailureError,
@@ -323,25 +322,6 @@ def _decode_cursor(cursor: str) -> int:
     return seq
 
 
-_LIST = text(
-    """
-    SELECT e.global_seq, e.payload, e.recorded_at AS created_at, s.state,
-           last.recorded_at AS updated_at, last.payload AS last_payload
-      FROM events e
-      JOIN streams s ON s.stream_id = e.stream_id
-      JOIN events last ON last.global_seq = s.last_seq
-     WHERE e.event_type = 'PaymentInitiated'
-       AND e.global_seq < :before
-       AND (CAST(:states AS text[]) IS NULL OR s.state = ANY (CAST(:states AS text[])))
-       AND (CAST(:account AS text) IS NULL
-            OR e.payload->>'payer_account_id' = :account
-            OR e.payload->>'payee_account_id' = :account)
-     ORDER BY e.global_seq DESC
-     LIMIT :limit
-    """
-)
-
-
 @router.get("", response_model=PaymentList)
 async def list_payments(
     store: StoreDep,
@@ -356,18 +336,14 @@ async def list_payments(
     if status is not None:
         states = [state for state, shown in PAYMENT_STATUS_BY_STATE.items() if shown == status]
     before = _decode_cursor(cursor) if cursor else 2**63 - 1
-    async with store.engine.connect() as conn:
-        rows = (
-            await conn.execute(
-                _LIST,
-                {"before": before, "states": states, "account": account_id, "limit": limit + 1},
-            )
-        ).all()
+    rows = await store.list_payments(
+        before_seq=before, limit=limit + 1, states=states, account_id=account_id
+    )
     payments = [
-        _from_ledger(row.payload, row.state, row.created_at, row.updated_at, row.last_payload)
+        _from_ledger(row.initiated, row.state, row.created_at, row.updated_at, row.last_payload)
         for row in rows[:limit]
     ]
-    next_cursor = _encode_cursor(rows[limit - 1].global_seq) if len(rows) > limit else None
+    next_cursor = _encode_cursor(rows[limit - 1].initiated_seq) if len(rows) > limit else None
     return PaymentList(payments=payments, next_cursor=next_cursor)
 
 

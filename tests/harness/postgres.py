@@ -19,8 +19,9 @@ import psycopg
 from psycopg import sql
 from sqlalchemy import make_url
 
+from ledger.db import to_libpq_url, with_database
 from paysaga import migrate
-from paysaga.db import DatabaseUrls, to_libpq_url, with_database
+from paysaga.db import DatabaseUrls
 from paysaga.embedded_pg import EmbeddedPostgres, stop_server
 
 APP_ROLE = "paysaga_app"

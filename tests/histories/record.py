@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from ledger.store import EventStore
+from paysaga.db import open_store
 from paysaga.settings import Settings
 from tests.harness.ledger import fund, open_account
 from tests.harness.postgres import postgres_server
@@ -80,7 +80,7 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as workdir, postgres_server(Path(workdir)) as pg:
         database = pg.create_database()
         env = await start_dev_server()
-        store = await EventStore.open(database.urls, pool_size=4)
+        store = await open_store(database.urls, pool_size=4)
         try:
             await open_account(store, "alice")
             await open_account(store, "bob", kind="merchant")

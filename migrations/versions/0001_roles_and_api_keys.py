@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from alembic import op
 
-from paysaga.migrate import app_role
+from migrations.support import app_role, run_sql_file
 
 revision: str = "0001"
 down_revision: str | None = None
@@ -35,20 +35,7 @@ def upgrade() -> None:
         """
     )
     op.execute(f"GRANT USAGE ON SCHEMA public TO {role}")
-    op.execute(
-        """
-        CREATE TABLE api_keys (
-            key_id      text PRIMARY KEY CHECK (key_id ~ '^[a-z0-9]{8,32}$'),
-            name        text NOT NULL CHECK (length(name) BETWEEN 1 AND 100),
-            -- HMAC-SHA256 of the whole key under PAYSAGA_API_KEY_SECRET; the key itself
-            -- is shown once, at creation, and never stored.
-            key_hash    bytea NOT NULL CHECK (length(key_hash) = 32),
-            scopes      text[] NOT NULL CHECK (cardinality(scopes) >= 1),
-            created_at  timestamptz NOT NULL DEFAULT now(),
-            revoked_at  timestamptz
-        )
-        """
-    )
+    run_sql_file("0001_api_keys")
     # Services only ever read keys; creating and revoking them is the owner's job (CLI).
     op.execute(f"GRANT SELECT ON api_keys TO {role}")
 
