@@ -109,6 +109,7 @@ async def _refresh_payment_metrics(app: FastAPI) -> None:
     while True:
         with contextlib.suppress(Exception):
             await app.state.metrics.refresh_payments(app.state.store)
+            await app.state.metrics.refresh_ledger_lags(app.state.store)
         await asyncio.sleep(PAYMENT_METRICS_REFRESH_S)
 
 

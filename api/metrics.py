@@ -44,12 +44,41 @@ class ApiMetrics:
             ["status"],
             registry=self.registry,
         )
+        # A transaction left open anywhere in the database holds the horizon back.
+        self.horizon_lag_events = Gauge(
+            "paysaga_ledger_horizon_lag_events",
+            "Events visible in the ledger but above the safe horizon (not yet readable in order).",
+            registry=self.registry,
+        )
+        self.horizon_lag_s = Gauge(
+            "paysaga_ledger_horizon_lag_seconds",
+            "Age of the oldest event above the safe horizon.",
+            registry=self.registry,
+        )
+        self.unsealed_events = Gauge(
+            "paysaga_ledger_unsealed_events",
+            "Events not yet sealed into a block.",
+            registry=self.registry,
+        )
+        self.unsealed_s = Gauge(
+            "paysaga_ledger_unsealed_seconds",
+            "Age of the oldest event not yet sealed into a block.",
+            registry=self.registry,
+        )
 
     async def refresh_payments(self, store: EventStore) -> None:
         """Count ended payments by status, from the ledger's stream heads."""
         counts = await store.count_streams_by_state("payment", sorted(TERMINAL_STATES))
         for state in TERMINAL_STATES:
             self.payments.labels(PAYMENT_STATUS_BY_STATE[state]).set(counts.get(state, 0))
+
+    async def refresh_ledger_lags(self, store: EventStore) -> None:
+        """How far the safe horizon and the seal trail the log."""
+        lags = await store.lags()
+        self.horizon_lag_events.set(lags.horizon_events)
+        self.horizon_lag_s.set(lags.horizon_s)
+        self.unsealed_events.set(lags.unsealed_events)
+        self.unsealed_s.set(lags.unsealed_s)
 
     def render(self) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)

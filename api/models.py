@@ -141,6 +141,10 @@ class PaymentEvents(BaseModel):
 class EventFeed(BaseModel):
     events: list[EventOut]
     next_after_seq: int = Field(description="Pass as `after_seq` for the next page.")
+    safe_seq: int = Field(
+        description="The ledger's safe horizon when the page was read: no event at or below "
+        "it can still appear, so paging on never skips one that commits late."
+    )
 
 
 class CancelIn(_Request):

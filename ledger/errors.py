@@ -68,6 +68,12 @@ class InvalidPostings(LedgerError):
     code = "invalid_postings"
 
 
+class InvalidEvent(LedgerError):
+    """An event the catalog refuses: a payload of the wrong shape, or a bad envelope."""
+
+    code = "invalid_event"
+
+
 class AmountOutOfRange(LedgerError):
     """A position would leave the range of a 64-bit integer."""
 

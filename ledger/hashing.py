@@ -1,25 +1,29 @@
 """The hash chain: how an event's hash is computed, in one place for writer and verifier.
 
-    content = SHA-256(canonical JSON of stream_id, event_id, event_type, schema_version,
-                      payload, actor, correlation_id, causation_id, attempt)
-    hash    = SHA-256(prev_hash ‖ content ‖ int64be(global_seq)
-                      ‖ int64be(stream_version) ‖ int64be(recorded_at in µs since epoch))
+    hash = SHA-256(prev_hash ‖ content ‖ int64be(global_seq)
+                   ‖ int64be(stream_version) ‖ int64be(recorded_at in µs since epoch))
+
+`content` is a digest of the event's envelope (stream_id, event_id, event_type,
+schema_version, payload, actor, correlation_id, causation_id, attempt). Two schemes
+exist, recorded per event in `hash_scheme`; stored events are never rewritten, so both
+stay verifiable:
+
+1. (revision 0002) SHA-256 of the envelope as canonical JSON (sorted keys, no
+   whitespace), computed by the writer in Python and handed to the database. The
+   database could not check it, so a caller could store a hash its event did not earn.
+2. (revision 0005) SHA-256 of the envelope as PostgreSQL prints it as jsonb,
+   computed by the database function itself from the values it stores. The verifier
+   reproduces that text here (`jsonb_text`), independently of the database.
 
 The chain is **per stream**: `prev_hash` is the hash of the previous event in the same
 stream (32 zero bytes for the first). Why per stream and not global: a global chain
 would make every append in the system wait on one lock, held until commit, so total
 throughput would be one commit at a time; per stream, appends serialise only where
-they must anyway (the stream's own lock), and the chain stays correct under any
-number of concurrent transactions, because each stream's appends are already
-serialised by that lock. What it protects: any change to a stored event breaks that
-event's hash, and any removal or reordering inside a stream breaks its successor's
-`prev_hash`. What a per-stream chain cannot show by itself, the removal of a whole
-stream, `ledger check` catches as positions and stream heads that no longer match the
-events.
-
-The writer computes `content` in Python (canonical JSON is Python's to define) and the
-database function adds the fields it assigns (sequence, version, time) under the lock.
-The verifier recomputes both halves in Python, independently of the database function.
+they must anyway (the stream's own lock). What it protects: any change to a stored
+event breaks that event's hash, and any removal or reordering inside a stream breaks
+its successor's `prev_hash`. What a per-stream chain cannot show, the removal of a
+whole stream or of a stream's last events, the seal shows: blocks that chain every
+event in global order (`ledger_blocks`, `ledger verify`).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ def canonical_json(value: Any) -> bytes:
 
 def content_digest(
     *,
+    scheme: int,
     stream_id: str,
     event_id: uuid.UUID,
     event_type: str,
@@ -51,21 +56,49 @@ def content_digest(
     causation_id: str | None,
     attempt: int | None,
 ) -> bytes:
-    return hashlib.sha256(
-        canonical_json(
-            {
-                "stream_id": stream_id,
-                "event_id": str(event_id),
-                "event_type": event_type,
-                "schema_version": schema_version,
-                "payload": payload,
-                "actor": actor,
-                "correlation_id": correlation_id,
-                "causation_id": causation_id,
-                "attempt": attempt,
-            }
-        )
-    ).digest()
+    """The envelope's digest under hash scheme 1 or 2 (see the module docstring)."""
+    envelope = {
+        "stream_id": stream_id,
+        "event_id": str(event_id),
+        "event_type": event_type,
+        "schema_version": schema_version,
+        "payload": payload,
+        "actor": actor,
+        "correlation_id": correlation_id,
+        "causation_id": causation_id,
+        "attempt": attempt,
+    }
+    if scheme == 1:
+        return hashlib.sha256(canonical_json(envelope)).digest()
+    if scheme == 2:
+        return hashlib.sha256(jsonb_text(envelope).encode()).digest()
+    raise ValueError(f"unknown hash scheme {scheme}")
+
+
+def jsonb_text(value: Any) -> str:
+    """The text PostgreSQL prints for `value` as jsonb (`value::jsonb::text`).
+
+    Object keys are ordered by their length in bytes, then bytewise; separators are
+    ", " and ": "; strings are escaped as JSON with non-ASCII characters kept, as
+    Python's json module does. Only JSON's integers are numbers here: the ledger
+    refuses fractions, so their printing never has to match numeric's.
+    """
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, dict):
+        keys = sorted(value, key=lambda k: (len(k.encode()), k.encode()))
+        return "{" + ", ".join(f"{jsonb_text(k)}: {jsonb_text(value[k])}" for k in keys) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(jsonb_text(item) for item in value) + "]"
+    raise ValueError(f"no jsonb text for {type(value).__name__} {value!r}")
 
 
 def epoch_us(moment: datetime) -> int:

@@ -1,9 +1,9 @@
 """The event store: append events, read them back, read accounts and positions.
 
-Writes go through one database function, `ledger_append` (see migration 0002), in
-autocommit mode: one round trip per event, and locks are held only for the span of
-that function and its commit. That is what lets a hot account take many appends
-per second.
+Writes go through one database function, `ledger_append`
+(`migrations/sql/0005_ledger_append.sql`), in autocommit mode: one round trip per
+event, and locks are held only for the span of that function and its commit. That is
+what lets a hot account take many appends per second.
 
 Appends use psycopg's own connection pool; reads use SQLAlchemy Core. The split is
 measured, not taste: per append, the client spent about 430 µs of CPU through
@@ -11,11 +11,11 @@ SQLAlchemy's async layer, 260 µs through SQLAlchemy's pool with the raw driver
 connection, and 180 µs through psycopg_pool (8 writers, bench-style lifecycles), and on
 a 2-core machine shared with PostgreSQL that client CPU is throughput.
 
-The store's side of the contract:
+The store's side of the contract is small, since the database function trusts no
+caller (it checks the transition, the payload, the postings and computes the hash
+itself):
 
-- it checks the event against the catalog and hands the database the transitions
-  the state machine allows, so the check happens under the stream's lock;
-- it computes the content half of the hash chain (ledger/hashing.py);
+- it builds the payload from the catalog's model, so its own events are well formed;
 - it translates every refusal into a domain error, never a raw database error;
 - it retries transient failures (serialisation failures, deadlocks, lost
   connections) a bounded number of times. Retrying is safe: an append whose first
@@ -28,6 +28,7 @@ import asyncio
 import json
 import logging
 import random
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -44,14 +45,20 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from ledger import errors
 from ledger.db import create_reader_engine, to_libpq_url
 from ledger.events import AccountOpened, DomainEvent, account_stream, parse_event
-from ledger.hashing import canonical_json, content_digest
-from ledger.state_machine import TERMINAL_STATES, transitions_for
+from ledger.hashing import canonical_json
+from ledger.state_machine import TERMINAL_STATES
 
 log = logging.getLogger("paysaga.ledger")
 
 APPEND_ATTEMPTS_MAX = 5
 APPEND_BACKOFF_S_MAX = 0.5
 READ_LIMIT_MAX = 10_000
+SEQ_MAX = 2**63 - 1
+SEAL_EVENTS_MAX = 10_000
+# How long a reader waits for the safe horizon to cover what it could already see.
+HORIZON_CATCH_UP_S_MAX = 1.0
+HORIZON_RETRY_S_MIN = 0.002
+HORIZON_RETRY_S_MAX = 0.05
 _RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})  # serialization failure, deadlock
 
 _EVENT_COLUMNS = (
@@ -62,9 +69,8 @@ _EVENT_COLUMNS = (
 _APPEND = """
     SELECT * FROM ledger_append(
         %(event_id)s::uuid, %(stream_id)s::text, %(event_type)s::text,
-        %(schema_version)s::integer, %(payload)s::jsonb, %(content)s::bytea,
-        %(actor)s::text, %(correlation_id)s::text, %(causation_id)s::text,
-        %(attempt)s::integer, %(from_states)s::text[], %(to_states)s::text[],
+        %(schema_version)s::integer, %(payload)s::jsonb, %(actor)s::text,
+        %(correlation_id)s::text, %(causation_id)s::text, %(attempt)s::integer,
         %(expected_version)s::integer)
 """
 _READ_STREAM = text(
@@ -72,7 +78,7 @@ _READ_STREAM = text(
 )
 _READ_RANGE = text(
     f"SELECT {_EVENT_COLUMNS} FROM events WHERE global_seq > :after_seq "
-    "ORDER BY global_seq LIMIT :limit"
+    "AND global_seq <= :up_to ORDER BY global_seq LIMIT :limit"
 )
 _POSITION_COLUMNS = (
     "p.account_id, p.currency, p.overdraft_limit_minor, p.debits_pending, p.debits_posted, "
@@ -120,6 +126,7 @@ class RecordedEvent:
 class AppendResult:
     event: RecordedEvent
     appended: bool  # False: the event was already there (an idempotent retry)
+    state: str  # the stream's state now: after this event, or wherever a retry found it
 
 
 @dataclass(frozen=True)
@@ -179,6 +186,34 @@ class StreamHead:
     @property
     def closed(self) -> bool:
         return self.state in TERMINAL_STATES
+
+
+@dataclass(frozen=True)
+class Horizon:
+    """`safe_seq`: no event at or below it can still appear. `head_seq`: the highest
+    global_seq visible when it was read."""
+
+    safe_seq: int
+    head_seq: int
+
+
+@dataclass(frozen=True)
+class Block:
+    """A sealed block of the log (see `ledger_blocks`)."""
+
+    block_no: int
+    first_seq: int
+    last_seq: int
+    event_count: int
+    hash: bytes
+
+
+@dataclass(frozen=True)
+class Lags:
+    horizon_events: int
+    horizon_s: float
+    unsealed_events: int
+    unsealed_s: float
 
 
 @dataclass(frozen=True)
@@ -254,34 +289,20 @@ class EventStore:
     # --- writing --------------------------------------------------------------------------
     async def append(self, new: NewEvent, *, expected_version: int | None = None) -> AppendResult:
         """Append one event. Idempotent by event id; refusals are domain errors."""
-        allowed = transitions_for(new.stream_id, new.event.event_type)
         payload = new.event.payload()
         payload_json = canonical_json(payload).decode()
         if "\\u0000" in payload_json:
-            raise errors.InvalidPostings("text in an event may not contain NUL characters")
+            raise errors.InvalidEvent("text in an event may not contain NUL characters")
         params = {
             "event_id": new.event_id,
             "stream_id": new.stream_id,
             "event_type": new.event.event_type,
             "schema_version": new.event.schema_version,
             "payload": payload_json,
-            "content": content_digest(
-                stream_id=new.stream_id,
-                event_id=new.event_id,
-                event_type=new.event.event_type,
-                schema_version=new.event.schema_version,
-                payload=payload,
-                actor=new.actor,
-                correlation_id=new.correlation_id,
-                causation_id=new.causation_id,
-                attempt=new.attempt,
-            ),
             "actor": new.actor,
             "correlation_id": new.correlation_id,
             "causation_id": new.causation_id,
             "attempt": new.attempt,
-            "from_states": list(allowed),
-            "to_states": list(allowed.values()),
             "expected_version": expected_version,
         }
         row = await self._append_with_retries(new, params)
@@ -303,6 +324,7 @@ class EventStore:
                 hash=bytes(row.hash),
             ),
             appended=row.appended,
+            state=row.state,
         )
 
     async def _append_with_retries(self, new: NewEvent, params: dict[str, Any]) -> Any:
@@ -370,12 +392,67 @@ class EventStore:
         """A stream's events in order."""
         return [_recorded(row) for row in await self._fetch(_READ_STREAM, {"stream_id": stream_id})]
 
-    async def read_range(self, *, after_seq: int = 0, limit: int = 1000) -> list[RecordedEvent]:
-        """Events with global_seq > after_seq, in global order, at most `limit`."""
+    async def read_range(
+        self, *, after_seq: int = 0, limit: int = 1000, up_to: int = SEQ_MAX
+    ) -> list[RecordedEvent]:
+        """Events with after_seq < global_seq <= up_to, in global order, at most `limit`.
+
+        A reader that must never skip an event that commits late passes the safe
+        horizon as `up_to` (see `safe_horizon`).
+        """
         if not 1 <= limit <= READ_LIMIT_MAX:
             raise ValueError(f"limit must be between 1 and {READ_LIMIT_MAX}")
-        rows = await self._fetch(_READ_RANGE, {"after_seq": after_seq, "limit": limit})
+        rows = await self._fetch(
+            _READ_RANGE, {"after_seq": after_seq, "limit": limit, "up_to": up_to}
+        )
         return [_recorded(row) for row in rows]
+
+    async def safe_horizon(self, *, catch_up_s_max: float = HORIZON_CATCH_UP_S_MAX) -> Horizon:
+        """The safe horizon: no event at or below `safe_seq` can still appear.
+
+        One call of `ledger_safe_horizon()` proves what earlier calls saw (see
+        `migrations/sql/0005_ledger_safe_horizon.sql`); this calls it again, briefly,
+        until the horizon covers every event that was visible at the first call, or
+        `catch_up_s_max` has passed (a long transaction somewhere holds it back).
+        """
+        first = await self._horizon()
+        horizon = first
+        deadline = time.monotonic() + catch_up_s_max
+        delay_s = HORIZON_RETRY_S_MIN
+        while horizon.safe_seq < first.head_seq and time.monotonic() < deadline:
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, HORIZON_RETRY_S_MAX)
+            horizon = await self._horizon()
+        return horizon
+
+    async def _horizon(self) -> Horizon:
+        row = (await self._fetch(_SAFE_HORIZON, {}))[0]
+        return Horizon(safe_seq=row.safe_seq, head_seq=row.head_seq)
+
+    async def seal(self, *, events_max: int = SEAL_EVENTS_MAX) -> Block | None:
+        """Seal the events after the last block, up to the safe horizon, into one block."""
+        rows = await self._fetch(_SEAL, {"events_max": events_max})
+        if not rows:
+            return None
+        row = rows[0]
+        return Block(
+            block_no=row.block_no,
+            first_seq=row.first_seq,
+            last_seq=row.last_seq,
+            event_count=row.event_count,
+            hash=bytes(row.hash),
+        )
+
+    async def lags(self) -> Lags:
+        """How far the safe horizon and the seal trail the log, in events and seconds."""
+        horizon = await self._horizon()
+        row = (await self._fetch(_LAGS, {"safe_seq": horizon.safe_seq}))[0]
+        return Lags(
+            horizon_events=max(0, horizon.head_seq - horizon.safe_seq),
+            horizon_s=float(row.horizon_s or 0.0),
+            unsealed_events=max(0, horizon.head_seq - int(row.sealed_seq)),
+            unsealed_s=float(row.unsealed_s or 0.0),
+        )
 
     async def stream_head(self, stream_id: str) -> StreamHead | None:
         rows = await self._fetch(_STREAM_HEAD, {"stream_id": stream_id})
@@ -462,12 +539,6 @@ class EventStore:
         )
         return PayerActivity(kind=rows[0].kind, recent_payments=int(rows[0].recent))
 
-    async def clock_minus(self, seconds: float) -> datetime:
-        """The database's clock, `seconds` ago."""
-        rows = await self._fetch(_CLOCK_MINUS, {"seconds": seconds})
-        moment: datetime = rows[0].moment
-        return moment
-
     async def ping(self) -> None:
         """One round trip to the database."""
         await self._fetch(_PING, {})
@@ -524,7 +595,24 @@ _PAYER_ACTIVITY = text(
       LEFT JOIN accounts a ON a.account_id = p.account_id
     """
 )
-_CLOCK_MINUS = text("SELECT clock_timestamp() - make_interval(secs => :seconds) AS moment")
+_SAFE_HORIZON = text("SELECT safe_seq, head_seq FROM ledger_safe_horizon()")
+_SEAL = text(
+    "SELECT block_no, first_seq, last_seq, event_count, hash FROM ledger_seal(:events_max)"
+)
+# Seconds since the oldest event above the horizon, and above the last block, was
+# recorded: how stale a reader or the seal is.
+_LAGS = text(
+    """
+    SELECT coalesce((SELECT max(b.last_seq) FROM ledger_blocks b), 0) AS sealed_seq,
+           extract(epoch FROM clock_timestamp() - (
+               SELECT e.recorded_at FROM events e WHERE e.global_seq > :safe_seq
+                ORDER BY e.global_seq LIMIT 1)) AS horizon_s,
+           extract(epoch FROM clock_timestamp() - (
+               SELECT e.recorded_at FROM events e
+                WHERE e.global_seq > coalesce((SELECT max(b.last_seq) FROM ledger_blocks b), 0)
+                ORDER BY e.global_seq LIMIT 1)) AS unsealed_s
+    """
+)
 _PING = text("SELECT 1")
 
 
@@ -599,6 +687,7 @@ def _domain_error(error: psycopg.Error, new: NewEvent) -> errors.LedgerError | N
         "PS005": errors.CurrencyMismatch,
         "PS006": errors.WrongExpectedVersion,
         "PS007": errors.InvalidPostings,
+        "PS009": errors.InvalidEvent,
         "22003": errors.AmountOutOfRange,
     }
     if state in simple:

@@ -1,34 +1,45 @@
 """`ledger verify` and `ledger check`: prove the ledger against itself.
 
 - **verify** walks every event in global order and recomputes its hash in Python,
-  independently of the database function that wrote it: a changed payload, a
-  removed or reordered event breaks the chain at a named `global_seq`. It also
-  checks that each stream head points at its stream's last event.
-- **check** folds every event into positions (ledger/fold.py) and replays every
-  stream through the state machine, then compares with the stored positions and
-  stream heads, and checks the zero-sum rule per currency.
+  independently of the database function that wrote it (ledger/hashing.py): a changed
+  payload, a removed or reordered event breaks a stream's chain at a named
+  `global_seq`. It checks that each stream head points at its stream's last event.
+  Then the seal: every block's hash is recomputed from its own list and from the
+  events that are in its range now, so a sealed event that was deleted, inserted or
+  rewritten, or a whole stream that was removed, is named. Given a digest kept
+  outside the database (`ledger digest`), it proves the log still extends it.
+- **check** parses every event against the catalog, folds it into positions
+  (ledger/fold.py), replays every stream through the state machine, then compares
+  with the stored positions and stream heads, and checks the zero-sum rule per
+  currency.
 
-Both read in batches, so memory grows with the number of streams and accounts, not
-events, and both report the first bad `global_seq`. Each runs in one REPEATABLE READ
-transaction, so a ledger that keeps taking payments meanwhile is judged on one
-consistent snapshot.
+Both read in batches, so memory grows with the number of streams and accounts (and
+one block), not events, and both report the first bad `global_seq`. Neither crashes
+on malformed data: a row they cannot read is a violation, named like any other. Each
+runs in one REPEATABLE READ transaction, so a ledger that keeps taking payments
+meanwhile is judged on one consistent snapshot.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ledger.errors import LedgerError
+from ledger.events import parse_event
 from ledger.fold import LedgerFold, zero_sum_violations
 from ledger.hashing import GENESIS_HASH, chain_hash, content_digest
 
 BATCH_SIZE = 5000
+BLOCK_BATCH_SIZE = 20
 Progress = Callable[[int], None]
 
 
@@ -40,12 +51,37 @@ class Violation:
     stream_id: str | None = None
 
 
+@dataclass(frozen=True)
+class Digest:
+    """The latest block's end and hash: a root to keep outside the database."""
+
+    last_seq: int
+    hash: bytes
+
+    def __str__(self) -> str:
+        return f"{self.last_seq}:{self.hash.hex()}"
+
+    @classmethod
+    def parse(cls, raw: str) -> Digest:
+        """`<global_seq>:<64 hex digits>`, as `ledger digest` prints it."""
+        seq, _, digest = raw.strip().partition(":")
+        try:
+            last_seq, value = int(seq), bytes.fromhex(digest)
+        except ValueError:
+            raise ValueError(f"a digest reads <global_seq>:<sha-256 in hex>, not {raw!r}") from None
+        if last_seq < 1 or len(value) != 32:
+            raise ValueError(f"a digest reads <global_seq>:<sha-256 in hex>, not {raw!r}")
+        return cls(last_seq, value)
+
+
 @dataclass
 class Report:
     name: str
     events: int = 0
     streams: int = 0
     accounts: int = 0
+    blocks: int = 0
+    unsealed: int = 0
     violations: list[Violation] = field(default_factory=list)
 
     @property
@@ -66,6 +102,8 @@ class Report:
         scope = f"{self.events} events in {self.streams} streams"
         if self.accounts:
             scope += f", {self.accounts} accounts"
+        if self.name == "verify":
+            scope += f", {self.blocks} sealed blocks, {self.unsealed} events not sealed yet"
         if self.ok:
             return [f"ledger {self.name}: OK ({scope})"]
         lines = [f"ledger {self.name}: FAILED, {len(self.violations)} violation(s) ({scope})"]
@@ -86,6 +124,17 @@ async def count_events(engine: AsyncEngine) -> int:
         return int((await conn.execute(text("SELECT count(*) FROM events"))).scalar_one())
 
 
+async def latest_digest(engine: AsyncEngine) -> Digest | None:
+    """The newest block's digest, or None if nothing is sealed yet."""
+    async with engine.connect() as conn:
+        row = (
+            await conn.execute(
+                text("SELECT last_seq, hash FROM ledger_blocks ORDER BY block_no DESC LIMIT 1")
+            )
+        ).one_or_none()
+    return None if row is None else Digest(row.last_seq, bytes(row.hash))
+
+
 @asynccontextmanager
 async def _snapshot(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     async with engine.connect() as conn:
@@ -102,8 +151,8 @@ async def _events(conn: AsyncConnection) -> AsyncIterator[Any]:
                 text(
                     "SELECT global_seq, stream_id, stream_version, event_id, event_type, "
                     "schema_version, payload, actor, correlation_id, causation_id, attempt, "
-                    "recorded_at, prev_hash, hash FROM events WHERE global_seq > :after "
-                    "ORDER BY global_seq LIMIT :limit"
+                    "recorded_at, prev_hash, hash, hash_scheme FROM events "
+                    "WHERE global_seq > :after ORDER BY global_seq LIMIT :limit"
                 ),
                 {"after": after, "limit": BATCH_SIZE},
             )
@@ -115,68 +164,215 @@ async def _events(conn: AsyncConnection) -> AsyncIterator[Any]:
         after = rows[-1].global_seq
 
 
+async def _blocks(conn: AsyncConnection) -> AsyncIterator[Any]:
+    after = 0
+    while True:
+        rows = (
+            await conn.execute(
+                text(
+                    "SELECT block_no, first_seq, last_seq, seqs, stream_ids, event_hashes, "
+                    "prev_hash, hash FROM ledger_blocks WHERE block_no > :after "
+                    "ORDER BY block_no LIMIT :limit"
+                ),
+                {"after": after, "limit": BLOCK_BATCH_SIZE},
+            )
+        ).all()
+        if not rows:
+            return
+        for row in rows:
+            yield row
+        after = rows[-1].block_no
+
+
 async def _stream_heads(conn: AsyncConnection) -> dict[str, Any]:
     rows = await conn.execute(text("SELECT stream_id, version, state, last_hash FROM streams"))
     return {row.stream_id: row for row in rows}
 
 
-async def verify_chain(engine: AsyncEngine, progress: Progress | None = None) -> Report:
-    """Recompute every hash and every link of every stream's chain."""
+def block_hash(
+    prev_hash: bytes, first_seq: int, last_seq: int, events: list[tuple[int, bytes]]
+) -> bytes:
+    """A block's hash, as ledger_seal computes it (migrations/sql/0005_ledger_seal.sql)."""
+    digest = hashlib.sha256(prev_hash)
+    digest.update(first_seq.to_bytes(8, "big", signed=True))
+    digest.update(last_seq.to_bytes(8, "big", signed=True))
+    for seq, event_hash in sorted(events):
+        digest.update(seq.to_bytes(8, "big", signed=True))
+        digest.update(event_hash)
+    return digest.digest()
+
+
+def _event_hash(row: Any) -> bytes:
+    """The hash an event earns from its stored fields, under its hash scheme."""
+    content = content_digest(
+        scheme=row.hash_scheme,
+        stream_id=row.stream_id,
+        event_id=row.event_id,
+        event_type=row.event_type,
+        schema_version=row.schema_version,
+        payload=row.payload,
+        actor=row.actor,
+        correlation_id=row.correlation_id,
+        causation_id=row.causation_id,
+        attempt=row.attempt,
+    )
+    return chain_hash(
+        bytes(row.prev_hash),
+        content,
+        global_seq=row.global_seq,
+        stream_version=row.stream_version,
+        recorded_at=row.recorded_at,
+    )
+
+
+class _Seal:
+    """Walks the blocks alongside the events, one block in memory at a time."""
+
+    def __init__(self, report: Report, blocks: AsyncIterator[Any], digest: Digest | None) -> None:
+        self.report = report
+        self.blocks = blocks
+        self.digest = digest
+        self.digest_seen = False
+        self.block: Any = None
+        self.present: dict[int, tuple[str, bytes]] = {}
+        self.stored_prev = GENESIS_HASH
+        self.actual_prev = GENESIS_HASH
+        self.last_seq = 0
+        self.missing: dict[str, list[int]] = defaultdict(list)
+
+    async def _next_block(self) -> None:
+        self.block = await anext(self.blocks, None)
+        self.present = {}
+
+    async def start(self) -> None:
+        await self._next_block()
+
+    async def see(self, seq: int, stream_id: str, event_hash: bytes) -> None:
+        while self.block is not None and seq > self.block.last_seq:
+            self._close_block()
+            await self._next_block()
+        if self.block is not None and seq >= self.block.first_seq:
+            self.present[seq] = (stream_id, event_hash)
+        else:
+            # After the last block, or in a range no block covers (which the
+            # block-link check reports).
+            self.report.unsealed += 1
+
+    async def finish(self, streams_left: set[str]) -> None:
+        while self.block is not None:
+            self._close_block()
+            await self._next_block()
+        for stream_id, seqs in self.missing.items():
+            if stream_id not in streams_left:
+                self.report.add(
+                    "removed-stream",
+                    f"{stream_id} was removed: all {len(seqs)} of its sealed events are gone "
+                    f"(global_seq {', '.join(map(str, seqs[:10]))})",
+                    seq=seqs[0],
+                    stream=stream_id,
+                )
+        if self.digest is not None and not self.digest_seen:
+            self.report.add(
+                "digest",
+                f"no block ends at global_seq {self.digest.last_seq}: the log does not extend "
+                f"the digest {self.digest} (its blocks were removed or rewritten)",
+                seq=self.digest.last_seq,
+            )
+
+    def _close_block(self) -> None:
+        block, report = self.block, self.report
+        report.blocks += 1
+        number = block.block_no
+        if number != report.blocks:
+            report.add("block-order", f"block {number} found where block {report.blocks} belongs")
+        if block.first_seq != self.last_seq + 1 or bytes(block.prev_hash) != self.stored_prev:
+            report.add(
+                "block-link",
+                f"block {number} does not follow block {number - 1}: a block was removed, "
+                "inserted or changed",
+                seq=block.first_seq,
+            )
+        sealed = {
+            int(seq): (str(stream), bytes(event_hash))
+            for seq, stream, event_hash in zip(
+                block.seqs, block.stream_ids, block.event_hashes, strict=False
+            )
+        }
+        listed = [(seq, event_hash) for seq, (_, event_hash) in sealed.items()]
+        if block_hash(self.stored_prev, block.first_seq, block.last_seq, listed) != bytes(
+            block.hash
+        ):
+            report.add(
+                "block-hash",
+                f"block {number} does not hash to its stored hash: the block was changed",
+                seq=block.first_seq,
+            )
+        for seq, (stream_id, _) in sorted(sealed.items()):
+            if seq not in self.present:
+                self.missing[stream_id].append(seq)
+                report.add(
+                    "deleted-event",
+                    f"the event at global_seq {seq} in {stream_id}, sealed in block {number}, "
+                    "is missing: it was deleted",
+                    seq=seq,
+                    stream=stream_id,
+                )
+        for seq, (stream_id, event_hash) in sorted(self.present.items()):
+            if seq not in sealed:
+                report.add(
+                    "inserted-event",
+                    f"the event at global_seq {seq} in {stream_id} lies in sealed block "
+                    f"{number}'s range but was not sealed in it: it was inserted afterwards",
+                    seq=seq,
+                    stream=stream_id,
+                )
+            elif sealed[seq][1] != event_hash:
+                report.add(
+                    "rewritten-event",
+                    f"the event at global_seq {seq} in {stream_id} does not carry the hash "
+                    f"sealed in block {number}: it was rewritten",
+                    seq=seq,
+                    stream=stream_id,
+                )
+        actual = [(seq, event_hash) for seq, (_, event_hash) in self.present.items()]
+        self.actual_prev = block_hash(self.actual_prev, block.first_seq, block.last_seq, actual)
+        if self.digest is not None and block.last_seq == self.digest.last_seq:
+            self.digest_seen = True
+            if self.actual_prev != self.digest.hash:
+                report.add(
+                    "digest",
+                    f"the log up to global_seq {self.digest.last_seq} no longer hashes to the "
+                    f"digest {self.digest}: sealed history was changed since it was taken",
+                    seq=self.digest.last_seq,
+                )
+        self.stored_prev = bytes(block.hash)
+        self.last_seq = block.last_seq
+
+
+async def verify_chain(
+    engine: AsyncEngine, progress: Progress | None = None, *, digest: Digest | None = None
+) -> Report:
+    """Recompute every hash, every link of every stream's chain, and every sealed block."""
     async with _snapshot(engine) as conn:
-        return await _verify_chain(conn, progress)
+        return await _verify_chain(conn, progress, digest)
 
 
-async def _verify_chain(conn: AsyncConnection, progress: Progress | None) -> Report:
+async def _verify_chain(
+    conn: AsyncConnection, progress: Progress | None, digest: Digest | None
+) -> Report:
     report = Report("verify")
     last: dict[str, tuple[int, bytes, int]] = {}  # stream -> (version, hash, global_seq)
+    seal = _Seal(report, _blocks(conn), digest)
+    await seal.start()
     async for row in _events(conn):
         report.events += 1
-        version, prev, _ = last.get(row.stream_id, (0, GENESIS_HASH, 0))
-        where = f"{row.stream_id} v{row.stream_version} (event {row.event_id})"
-        if row.stream_version != version + 1:
-            report.add(
-                "version-gap",
-                f"{where} follows v{version}: an event is missing or out of order",
-                seq=row.global_seq,
-                stream=row.stream_id,
-            )
-        if bytes(row.prev_hash) != prev:
-            report.add(
-                "broken-link",
-                f"{where} does not chain to its predecessor's hash",
-                seq=row.global_seq,
-                stream=row.stream_id,
-            )
-        content = content_digest(
-            stream_id=row.stream_id,
-            event_id=row.event_id,
-            event_type=row.event_type,
-            schema_version=row.schema_version,
-            payload=row.payload,
-            actor=row.actor,
-            correlation_id=row.correlation_id,
-            causation_id=row.causation_id,
-            attempt=row.attempt,
-        )
-        expected = chain_hash(
-            bytes(row.prev_hash),
-            content,
-            global_seq=row.global_seq,
-            stream_version=row.stream_version,
-            recorded_at=row.recorded_at,
-        )
-        if expected != bytes(row.hash):
-            report.add(
-                "hash-mismatch",
-                f"{where}: stored hash {bytes(row.hash).hex()[:16]}… but its content hashes to "
-                f"{expected.hex()[:16]}…: the event was changed after it was written",
-                seq=row.global_seq,
-                stream=row.stream_id,
-            )
+        await seal.see(row.global_seq, row.stream_id, bytes(row.hash))
+        _verify_event(report, row, last)
         last[row.stream_id] = (row.stream_version, bytes(row.hash), row.global_seq)
         if progress is not None:
             progress(1)
     report.streams = len(last)
+    await seal.finish(set(last))
     heads = await _stream_heads(conn)
     for stream_id, head in heads.items():
         tail = last.get(stream_id)
@@ -205,6 +401,43 @@ async def _verify_chain(conn: AsyncConnection, progress: Progress | None) -> Rep
     return report
 
 
+def _verify_event(report: Report, row: Any, last: dict[str, tuple[int, bytes, int]]) -> None:
+    version, prev, _ = last.get(row.stream_id, (0, GENESIS_HASH, 0))
+    where = f"{row.stream_id} v{row.stream_version} (event {row.event_id})"
+    if row.stream_version != version + 1:
+        report.add(
+            "version-gap",
+            f"{where} follows v{version}: an event is missing or out of order",
+            seq=row.global_seq,
+            stream=row.stream_id,
+        )
+    if bytes(row.prev_hash) != prev:
+        report.add(
+            "broken-link",
+            f"{where} does not chain to its predecessor's hash",
+            seq=row.global_seq,
+            stream=row.stream_id,
+        )
+    try:
+        expected = _event_hash(row)
+    except (ValueError, TypeError, OverflowError) as error:
+        report.add(
+            "unreadable",
+            f"{where}: its fields cannot be hashed ({error})",
+            seq=row.global_seq,
+            stream=row.stream_id,
+        )
+        return
+    if expected != bytes(row.hash):
+        report.add(
+            "hash-mismatch",
+            f"{where}: stored hash {bytes(row.hash).hex()[:16]}… but its content hashes to "
+            f"{expected.hex()[:16]}…: the event was changed after it was written",
+            seq=row.global_seq,
+            stream=row.stream_id,
+        )
+
+
 async def check_ledger(engine: AsyncEngine, progress: Progress | None = None) -> Report:
     """Fold every event; compare with stored positions and heads; check the zero-sum rule."""
     async with _snapshot(engine) as conn:
@@ -229,8 +462,22 @@ async def _check_ledger(conn: AsyncConnection, progress: Progress | None) -> Rep
                 stream=row.stream_id,
             )
         types.add(row.event_type)
+        if progress is not None:
+            progress(1)
         if row.stream_id in broken:
             continue  # one violation per stream: later events would only repeat it
+        where = f"{row.stream_id} v{row.stream_version} {row.event_type}"
+        try:
+            parse_event(row.event_type, row.schema_version, row.payload)
+        except (ValueError, ValidationError) as error:
+            broken.add(row.stream_id)
+            report.add(
+                "malformed",
+                f"{where}: the payload does not fit the catalog: {_first_line(error)}",
+                seq=row.global_seq,
+                stream=row.stream_id,
+            )
+            continue
         try:
             fold.apply(row.stream_id, row.event_type, row.payload)
         except LedgerError as error:
@@ -239,12 +486,10 @@ async def _check_ledger(conn: AsyncConnection, progress: Progress | None) -> Rep
                 "state-machine"
                 if error.code in ("invalid_transition", "stream_closed")
                 else "fold",
-                f"{row.stream_id} v{row.stream_version} {row.event_type}: {error}",
+                f"{where}: {error}",
                 seq=row.global_seq,
                 stream=row.stream_id,
             )
-        if progress is not None:
-            progress(1)
     report.streams = len(seen_types)
 
     heads = await _stream_heads(conn)
@@ -292,3 +537,8 @@ async def _check_ledger(conn: AsyncConnection, progress: Progress | None) -> Rep
     for problem in fold.zero_sum_violations():
         report.add("zero-sum", f"folded events: {problem}")
     return report
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return " ".join(lines[:3]) if lines else type(error).__name__

@@ -32,5 +32,12 @@ def sql_file(name: str) -> str:
 
 
 def run_sql_file(name: str) -> None:
-    """Execute one SQL file of `migrations/sql/` as it is."""
-    op.execute(sql_file(name))
+    """Execute one SQL file of `migrations/sql/` exactly as written.
+
+    Straight to psycopg, in the migration's transaction, with no parameters: SQLAlchemy
+    would read `"x":200` in a JSON literal as a bind parameter, and a parameterised
+    query would read `%` in PL/pgSQL's RAISE as a placeholder.
+    """
+    driver = op.get_bind().connection.driver_connection
+    assert driver is not None, "the migration has no database connection"
+    driver.execute(sql_file(name))

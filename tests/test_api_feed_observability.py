@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import logging
+import uuid
 
+import psycopg
 from sqlalchemy import text
 
+from ledger.db import to_libpq_url
 from ledger.store import EventStore
 from paysaga.logs import JsonFormatter
 from tests.harness.api import Api
@@ -37,24 +39,74 @@ async def test_the_feed_pages_through_every_event_in_order(api: Api, store: Even
         assert (await api.get("/v1/events", params=bad)).status_code == 422
 
 
-async def test_the_feed_waits_at_a_gap_that_a_late_commit_may_still_fill(
+async def test_the_feed_delivers_a_late_commit_exactly_once_and_in_order(
     api: Api, store: EventStore, database: IsolatedDatabase
 ) -> None:
-    import psycopg
+    """An append takes its global_seq, then stays uncommitted while later events commit.
 
-    from ledger.db import to_libpq_url
-
+    The feed stops below it, as long as it may still commit; once it commits, the feed
+    hands it out, then the later ones: every event exactly once, in order.
+    """
     await open_account(store, "a")
-    # A sequence number taken by an append that has not committed (here: never will).
+    delivered = await _drain(api, after_seq=0)
+    urls = database.urls
+    with psycopg.connect(to_libpq_url(urls.app_login_url), **urls.app_connect_args()) as held:
+        held_seq = held.execute(
+            "SELECT global_seq FROM ledger_append(%s, 'account-held', 'AccountOpened', 1, "
+            "%s::jsonb, 'test', NULL, NULL, NULL, NULL)",
+            (
+                uuid.uuid4(),
+                json.dumps(
+                    {
+                        "account_id": "held",
+                        "currency": "EUR",
+                        "kind": "customer",
+                        "overdraft_limit_minor": 0,
+                        "metadata": {},
+                    }
+                ),
+            ),
+        ).fetchone()[0]  # type: ignore[index]
+        for account in ("b", "c", "d"):
+            await open_account(store, account)
+        later = [e.global_seq for e in await store.read_range(after_seq=held_seq)]
+        assert later and min(later) > held_seq  # they committed; the held one has not
+
+        delivered += await _drain(api, after_seq=delivered[-1])
+        assert max(delivered) < held_seq, "the feed skipped past an uncommitted append"
+        metrics = api.http._transport.app.state.metrics  # type: ignore[attr-defined]
+        await metrics.refresh_ledger_lags(store)
+        lag = (await api.get("/metrics")).text
+        assert "paysaga_ledger_horizon_lag_events 4.0" in lag
+        held.commit()
+
+    delivered += await _drain(api, after_seq=delivered[-1])
+    every = [e.global_seq for e in await store.read_range(after_seq=0)]
+    assert delivered == every
+    assert held_seq in delivered and len(delivered) == len(set(delivered))
+
+
+async def test_a_rolled_back_append_is_passed_at_once(
+    api: Api, store: EventStore, database: IsolatedDatabase
+) -> None:
+    await open_account(store, "a")
     with psycopg.connect(to_libpq_url(database.urls.owner_url), autocommit=True) as conn:
         gap = conn.execute("SELECT nextval('events_global_seq')").fetchone()[0]  # type: ignore[index]
     await open_account(store, "b")
     page = (await api.get("/v1/events", params={"after_seq": 0})).json()
-    assert [e["global_seq"] for e in page["events"]] == [gap - 1]
-    assert page["next_after_seq"] == gap - 1
-    await asyncio.sleep(2.2)  # past the grace: the gap is a rolled-back append
-    page = (await api.get("/v1/events", params={"after_seq": page["next_after_seq"]})).json()
-    assert [e["global_seq"] for e in page["events"]] == [gap + 1]
+    assert [e["global_seq"] for e in page["events"]] == [gap - 1, gap + 1]
+    assert page["next_after_seq"] == page["safe_seq"] == gap + 1
+
+
+async def _drain(api: Api, *, after_seq: int) -> list[int]:
+    """Page through the feed from after_seq until it has nothing more to give."""
+    seqs: list[int] = []
+    while True:
+        page = (await api.get("/v1/events", params={"after_seq": after_seq, "limit": 2})).json()
+        seqs += [e["global_seq"] for e in page["events"]]
+        if page["next_after_seq"] == after_seq:
+            return seqs
+        after_seq = page["next_after_seq"]
 
 
 async def test_every_response_carries_a_request_id(api: Api) -> None:

@@ -134,16 +134,14 @@ async def test_a_changed_position_is_named_by_check(
 async def test_an_event_inserted_around_the_store_is_caught_by_both(
     ledger: list[Payment], database: IsolatedDatabase
 ) -> None:
-    """The application role may INSERT; an event that skips the store fails both checks."""
-    urls = database.urls
-    with psycopg.connect(
-        to_libpq_url(urls.app_login_url), autocommit=True, **urls.app_connect_args()
-    ) as conn:
+    """Only the owner can still INSERT around the function; both walks catch it."""
+    with _owner(database) as conn:
         row = conn.execute(
             "INSERT INTO events (stream_id, stream_version, event_id, event_type, schema_version,"
-            " payload, actor, recorded_at, prev_hash, hash) VALUES ('payment-forged', 1, %s,"
-            " 'PaymentSettled', 1, %s, 'mallory', now(), decode(repeat('00', 32), 'hex'),"
-            " decode(repeat('11', 32), 'hex')) RETURNING global_seq",
+            " payload, actor, recorded_at, prev_hash, hash, hash_scheme) VALUES"
+            " ('payment-forged', 1, %s, 'PaymentSettled', 1, %s, 'mallory', now(),"
+            " decode(repeat('00', 32), 'hex'), decode(repeat('11', 32), 'hex'), 2)"
+            " RETURNING global_seq",
             (uuid.uuid4(), '{"payment_id": "forged", "currency": "EUR", "postings": []}'),
         ).fetchone()
     assert row is not None
@@ -154,7 +152,7 @@ async def test_an_event_inserted_around_the_store_is_caught_by_both(
     check = _cli(database, "check")
     assert check.returncode == 1
     assert _first_bad(check.stdout) == forged
-    assert "state-machine" in check.stdout
+    assert "malformed" in check.stdout
 
 
 def test_the_commands_explain_an_unreachable_database() -> None:
