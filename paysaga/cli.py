@@ -12,8 +12,8 @@ import logging
 import os
 import sys
 import traceback
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Annotated, NoReturn, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 from pydantic import ValidationError
@@ -122,6 +122,34 @@ def projector() -> None:
         signal.signal(sig, lambda *_: stopped.set())
     stopped.wait()
     log.info("projector stopped")
+
+
+@app.command()
+def sealer() -> None:
+    """Seal the ledger into hash-chained blocks, every PAYSAGA_SEAL_INTERVAL_S seconds."""
+    import signal
+
+    from ledger.sealer import run_sealer
+    from paysaga.db import database_urls, open_store
+
+    settings = _settings()
+    _configure_logging("sealer", settings)
+    log = logging.getLogger("paysaga.sealer")
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        store = await open_store(database_urls(settings), pool_size=1)
+        log.info("sealer started", extra={"interval_s": settings.seal_interval_s})
+        try:
+            await run_sealer(store, stop, interval_s=settings.seal_interval_s)
+        finally:
+            await store.close()
+        log.info("sealer stopped")
+
+    asyncio.run(run())
 
 
 @app.command()
@@ -298,21 +326,31 @@ def temporal_register() -> None:
 PROGRESS_EVENTS_MIN = 20_000
 
 
-def _run_ledger_report(name: str) -> None:
+def _run_ledger_report(name: str, digest: str | None = None) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    from ledger.verify import Report, check_ledger, count_events, verify_chain
+    from ledger.verify import Digest, Report, check_ledger, count_events, verify_chain
     from paysaga.db import create_app_engine, database_urls
 
     settings = _settings()
-    run = verify_chain if name == "verify" else check_ledger
+    root: Digest | None = None
+    if digest is not None:
+        try:
+            root = Digest.parse(digest)
+        except ValueError as error:
+            raise typer.BadParameter(str(error), param_hint="--digest") from None
+
+    async def run(engine: AsyncEngine, progress: Callable[[int], None] | None) -> Report:
+        if name == "verify":
+            return await verify_chain(engine, progress, digest=root)
+        return await check_ledger(engine, progress)
 
     async def go() -> Report:
         engine = create_app_engine(database_urls(settings), pool_size=1, pool_overflow_max=0)
         try:
             total = await count_events(engine)
             if total < PROGRESS_EVENTS_MIN:
-                return await run(engine)
+                return await run(engine, None)
             columns = (BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
             with Progress(*columns, console=err, transient=True) as bar:
                 task = bar.add_task(f"ledger {name}", total=total)
@@ -320,28 +358,89 @@ def _run_ledger_report(name: str) -> None:
         finally:
             await engine.dispose()
 
-    from sqlalchemy.exc import OperationalError
-
-    try:
-        report = asyncio.run(go())
-    except OperationalError as error:
-        fail(f"cannot reach the database ({error.orig}); is `paysaga up` running?")
+    report = _on_ledger_database(go)
     for line in report.lines():
         typer.echo(line)
     if not report.ok:
         raise typer.Exit(1)
 
 
+def _on_ledger_database(call: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run a ledger command, and explain an unreachable database."""
+    from sqlalchemy.exc import OperationalError
+
+    try:
+        return asyncio.run(call())
+    except OperationalError as error:
+        fail(f"cannot reach the database ({error.orig}); is `paysaga up` running?")
+
+
 @ledger_app.command("verify")
-def ledger_verify() -> None:
-    """Walk the hash chain; name the first event that no longer matches its hash."""
-    _run_ledger_report("verify")
+def ledger_verify(
+    digest: Annotated[
+        str | None,
+        typer.Option(
+            help="A digest printed earlier by `ledger digest` (<global_seq>:<hash>): prove "
+            "the log still extends it.",
+        ),
+    ] = None,
+) -> None:
+    """Walk the hash chains and the sealed blocks; name any event changed, removed or added."""
+    _run_ledger_report("verify", digest)
 
 
 @ledger_app.command("check")
 def ledger_check() -> None:
     """Fold every event: positions, the zero-sum rule and every stream's state machine."""
     _run_ledger_report("check")
+
+
+@ledger_app.command("digest")
+def ledger_digest() -> None:
+    """Print the latest sealed block as <global_seq>:<hash>: a root to keep elsewhere."""
+    from ledger.verify import Digest, latest_digest
+    from paysaga.db import create_app_engine, database_urls
+
+    settings = _settings()
+
+    async def go() -> Digest | None:
+        engine = create_app_engine(database_urls(settings), pool_size=1, pool_overflow_max=0)
+        try:
+            return await latest_digest(engine)
+        finally:
+            await engine.dispose()
+
+    digest = _on_ledger_database(go)
+    if digest is None:
+        fail("nothing is sealed yet: is the sealer running (`paysaga up`, `paysaga sealer`)?")
+    err.print(f"the ledger is sealed up to global_seq {digest.last_seq}")
+    typer.echo(str(digest))
+
+
+@ledger_app.command("seal")
+def ledger_seal() -> None:
+    """Seal now, up to the safe horizon, instead of waiting for the sealer."""
+    from ledger.sealer import seal_all
+    from ledger.store import Block
+    from paysaga.db import database_urls, open_store
+
+    settings = _settings()
+
+    async def go() -> list[Block]:
+        store = await open_store(database_urls(settings), pool_size=1)
+        try:
+            return await seal_all(store)
+        finally:
+            await store.close()
+
+    blocks = _on_ledger_database(go)
+    for block in blocks:
+        err.print(
+            f"sealed block {block.block_no}: global_seq {block.first_seq} to {block.last_seq}, "
+            f"{block.event_count} events"
+        )
+    if not blocks:
+        err.print("nothing new to seal below the safe horizon")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -186,6 +186,15 @@ class Settings(BaseSettings):
         "a revoked key stops working within this many seconds.",
     )
 
+    # --- Ledger -----------------------------------------------------------------------
+    seal_interval_s: float = Field(
+        default=2.0,
+        gt=0,
+        le=60,
+        description="PAYSAGA_SEAL_INTERVAL_S: how often the sealer chains new events into a "
+        "block; an event is sealed within about two intervals of its commit.",
+    )
+
     # --- Logging ----------------------------------------------------------------------
     log_level: str = Field(default="INFO", description="PAYSAGA_LOG_LEVEL")
     log_json: bool = Field(

@@ -1,7 +1,7 @@
 """`paysaga up`: the whole product, supervised from one process tree.
 
 Start order: PostgreSQL (embedded, unless DATABASE_URL) → migrations → Temporal (dev
-server, unless TEMPORAL_ADDRESS) → search attributes → worker → read side → API.
+server, unless TEMPORAL_ADDRESS) → search attributes → worker → sealer → read side → API.
 Stop order is the reverse. Everything persists under the data directory, so a second
 `paysaga up` picks up where the first stopped, in-flight workflows included.
 """
@@ -215,6 +215,8 @@ async def run_stack(settings: Settings, console: Console) -> None:
             urls = await _start_servers(settings, supervisor, console)
             env = service_env(settings, urls)
             await supervisor.start(python_service("worker", settings, env))
+            # Chains the ledger into blocks, so that deleting any event is detected.
+            await supervisor.start(python_service("sealer", settings, env))
             # The read side's slot: the projector. Reconciliation schedules join it later.
             await supervisor.start(python_service("projector", settings, env))
             await supervisor.start(python_service("api", settings, env))
@@ -222,7 +224,7 @@ async def run_stack(settings: Settings, console: Console) -> None:
             ready = True
             console.print(banner(settings, urls, time.monotonic() - started))
             await stop.wait()
-            console.print("stopping: api, projector, worker, temporal, postgres ...")
+            console.print("stopping: api, projector, sealer, worker, temporal, postgres ...")
         except asyncio.CancelledError:
             console.print("start-up interrupted; stopping what was started ...")
         finally:

@@ -61,9 +61,9 @@ def _host_ports(service: dict[str, Any]) -> dict[int, int]:
 
 
 def test_the_stack_has_every_service_of_the_design() -> None:
-    expected = {"postgres", "temporal", "temporal-ui", "worker", "api", "projector"}
+    expected = {"postgres", "temporal", "temporal-ui", "worker", "sealer", "api", "projector"}
     assert expected <= set(SERVICES)
-    assert {"worker", "api", "projector"} <= set(OURS)
+    assert {"worker", "sealer", "api", "projector"} <= set(OURS)
 
 
 def test_postgres_keeps_its_data_in_a_named_volume() -> None:

@@ -184,7 +184,7 @@ def test_up_runs_against_external_postgres_and_temporal(
         try:
             ready = httpx.get(f"{stack.api_url}/readyz").json()
             assert ready["status"] == "ready", ready
-            assert set(stack.state()) == {"worker", "projector", "api"}
+            assert set(stack.state()) == {"worker", "sealer", "projector", "api"}
             assert not (tmp_path / "data" / "pg").exists()
             created = paysaga("apikey", "create", "--name", "ext", "--scopes", "ops", env=stack.env)
             assert created.returncode == 0, created.stderr
