@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from ledger.db import to_libpq_url
 from ledger.fold import zero_sum_violations
-from ledger.rules import event_type_rows, transition_rows
+from ledger.rules import event_type_rows, render_payload_check, transition_rows
 from ledger.store import EventStore
 from ledger.verify import check_ledger, verify_chain
 from paysaga.db import DatabaseUrls, open_store
@@ -151,10 +151,14 @@ async def test_the_database_enforces_exactly_the_python_rules(
             row[0]: row[1:]
             for row in conn.execute(
                 "SELECT event_type, schema_version, stream_kind, entity_field, starts_stream, "
-                "moves_money, fields FROM ledger_event_types"
+                "moves_money FROM ledger_event_types"
             )
         }
+        body = conn.execute(
+            "SELECT prosrc FROM pg_proc WHERE proname = 'ledger_payload_problem'"
+        ).fetchone()[0]  # type: ignore[index]
     assert transitions == transition_rows()
+    assert body == render_payload_check(event_type_rows()).split("$rules$")[1]
     assert types == {
         row.event_type: (
             row.schema_version,
@@ -162,26 +166,26 @@ async def test_the_database_enforces_exactly_the_python_rules(
             row.entity_field,
             row.starts_stream,
             row.moves_money,
-            row.fields,
         )
         for row in event_type_rows()
     }
 
 
-async def test_every_security_definer_function_searches_pg_temp_last(
+async def test_every_security_definer_or_plpgsql_function_searches_pg_temp_last(
     store: EventStore, database: IsolatedDatabase
 ) -> None:
+    """SQL helpers (the stripe hash, the payload check) read no table and are inlined
+    into their callers, whose search path is pinned."""
     with app_connection(database.urls) as conn:
         rows = conn.execute(
             "SELECT p.proname, p.proconfig FROM pg_proc p "
             "JOIN pg_namespace n ON n.oid = p.pronamespace "
-            "WHERE n.nspname = 'public' AND (p.prosecdef OR p.proname LIKE 'ledger%%')"
+            "JOIN pg_language l ON l.oid = p.prolang "
+            "WHERE n.nspname = 'public' AND (p.prosecdef OR l.lanname = 'plpgsql')"
         ).fetchall()
     checked = {str(name) for name, _ in rows}
     assert {"ledger_append", "ledger_apply_money", "ledger_safe_horizon", "ledger_seal"} <= checked
     for name, config in rows:
-        if name == "ledger_credit_stripe":
-            continue  # a pure SQL expression over its arguments, read by no table
         paths = [c for c in config or [] if c.startswith("search_path=")]
         assert paths, f"{name} runs with the caller's search_path"
         assert paths[0].replace(" ", "").endswith(",pg_temp"), f"{name}: {paths[0]}"

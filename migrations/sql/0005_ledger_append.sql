@@ -3,7 +3,8 @@
 -- Changed from 0002 (`git diff --no-index` the two files):
 --   * the allowed transitions come from ledger_transitions, never from the arguments
 --     (0002 took p_from_states/p_to_states from the caller, who could forge them);
---   * the payload is checked against the catalog (ledger_event_types) and its entity
+--   * the payload is checked against the catalog (ledger_event_types, and
+--     ledger_payload_problem, both rendered from the Python models) and its entity
 --     field must name the stream; every envelope field is bounded;
 --   * every input of the hash is computed here (scheme 2): the content digest is
 --     SHA-256 of the jsonb text of the whole envelope, where 0002 took it from the
@@ -50,7 +51,7 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp 
 DECLARE
     v_kind      text;
     v_entity    text;
-    v_type      ledger_event_types%ROWTYPE;
+    v_type      record;
     v_problem   text;
     v_state     text;
     v_version   integer;
@@ -74,7 +75,12 @@ BEGIN
     END IF;
     v_kind := split_part(p_stream_id, '-', 1);
     v_entity := substr(p_stream_id, length(v_kind) + 2);
-    SELECT * INTO v_type FROM ledger_event_types t WHERE t.event_type = p_event_type;
+    -- The event type's entry in the catalog, with every transition it may make.
+    SELECT t.schema_version, t.stream_kind, t.entity_field, t.starts_stream, t.moves_money,
+           (SELECT jsonb_object_agg(tr.from_state, tr.to_state) FROM ledger_transitions tr
+             WHERE tr.stream_kind = t.stream_kind AND tr.event_type = t.event_type) AS transitions
+      INTO v_type
+      FROM ledger_event_types t WHERE t.event_type = p_event_type;
     IF NOT FOUND OR v_type.stream_kind <> v_kind THEN
         RAISE EXCEPTION '% does not belong in stream %', p_event_type, p_stream_id
             USING ERRCODE = 'PS001';
@@ -87,7 +93,7 @@ BEGIN
         RAISE EXCEPTION '% has schema version %, not %', p_event_type, v_type.schema_version,
             p_schema_version USING ERRCODE = 'PS009';
     END IF;
-    v_problem := ledger_payload_problem(v_type.fields, p_payload);
+    v_problem := ledger_payload_problem(p_event_type, p_payload);
     IF v_problem IS NOT NULL THEN
         RAISE EXCEPTION '%: %', p_event_type, v_problem USING ERRCODE = 'PS009';
     END IF;
@@ -128,8 +134,7 @@ BEGIN
 
     -- 3. The state machine, from the database's own table, and optimistic concurrency
     --    if the caller asked for it.
-    SELECT t.to_state INTO v_to_state FROM ledger_transitions t
-     WHERE t.stream_kind = v_kind AND t.from_state = v_state AND t.event_type = p_event_type;
+    v_to_state := v_type.transitions->>v_state;
     IF v_to_state IS NULL OR v_version IS DISTINCT FROM coalesce(p_expected_version, v_version) THEN
         -- A retry of an event already appended returns it and appends nothing; so does
         -- the same fact under another id (a second FundsReserved is never a second hold).

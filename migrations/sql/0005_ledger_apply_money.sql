@@ -98,43 +98,41 @@ BEGIN
         -- debit or credit, a positive int64 amount. Only the payer is debited, by
         -- exactly the hold; only the payee and fees accounts are credited; the payee
         -- is; the postings balance; fee_minor is what the fees accounts receive.
-        WITH posting AS (
-            -- CASE, not AND: SQL does not promise to evaluate AND's operands in order,
-            -- and a cast of a malformed posting must never run.
-            SELECT x.value AS p,
-                   CASE
-                   WHEN jsonb_typeof(x.value) <> 'object' THEN false
-                   WHEN (SELECT array_agg(k ORDER BY k) FROM jsonb_object_keys(x.value) AS k)
-                        <> ARRAY['account_id', 'amount_minor', 'side'] THEN false
-                   WHEN jsonb_typeof(x.value->'account_id') <> 'string'
-                        OR jsonb_typeof(x.value->'side') <> 'string'
-                        OR jsonb_typeof(x.value->'amount_minor') <> 'number' THEN false
-                   WHEN x.value->>'side' NOT IN ('debit', 'credit') THEN false
-                   WHEN (x.value->'amount_minor')::text !~ '^[0-9]+$' THEN false
-                   ELSE (x.value->'amount_minor')::numeric BETWEEN 1 AND 9223372036854775807
-                   END AS well_formed
-              FROM jsonb_array_elements(p_payload->'postings') AS x
-        ), valid AS (
-            SELECT p->>'account_id' AS account_id, p->>'side' AS side,
-                   CASE WHEN well_formed THEN (p->'amount_minor')::numeric END AS amount_minor,
-                   a.kind
-              FROM posting
-              LEFT JOIN accounts a ON a.account_id = p->>'account_id'
-             WHERE well_formed
-        )
-        SELECT (SELECT count(*) FROM posting),
-               (SELECT count(*) FROM valid
-                 WHERE (side = 'debit' AND account_id = v_payer)
-                    OR (side = 'credit' AND account_id <> v_payer
-                        AND (account_id = v_payee OR kind = 'fees'))),
-               (SELECT coalesce(sum(amount_minor), 0) FROM valid WHERE side = 'debit'),
-               (SELECT coalesce(sum(amount_minor), 0) FROM valid WHERE side = 'credit'),
-               (SELECT coalesce(sum(amount_minor), 0) FROM valid
-                 WHERE side = 'credit' AND account_id <> v_payee),
-               (SELECT coalesce(bool_or(side = 'credit' AND account_id = v_payee), false)
-                  FROM valid),
-               (SELECT array_agg(DISTINCT account_id) FROM valid)
-          INTO v_postings, v_valid, v_debits, v_credits, v_fees, v_payee_paid, v_accounts;
+        SELECT count(*),
+               count(*) FILTER (
+                   WHERE x.amount_minor IS NOT NULL
+                     AND ((x.side = 'debit' AND x.account_id = v_payer)
+                          OR (x.side = 'credit' AND x.account_id <> v_payer
+                              AND (x.account_id = v_payee OR a.kind = 'fees')))),
+               coalesce(sum(x.amount_minor) FILTER (WHERE x.side = 'debit'), 0),
+               coalesce(sum(x.amount_minor) FILTER (WHERE x.side = 'credit'), 0),
+               coalesce(sum(x.amount_minor)
+                        FILTER (WHERE x.side = 'credit' AND x.account_id <> v_payee), 0),
+               coalesce(bool_or(x.side = 'credit' AND x.account_id = v_payee), false),
+               array_agg(DISTINCT x.account_id) FILTER (WHERE x.amount_minor IS NOT NULL)
+          INTO v_postings, v_valid, v_debits, v_credits, v_fees, v_payee_paid, v_accounts
+          FROM (
+              -- A posting's amount is NULL unless the posting is well formed. CASE, not
+              -- AND: SQL does not promise to evaluate AND's operands in order, and a cast
+              -- of a malformed posting must never run.
+              SELECT e.value->>'account_id' AS account_id, e.value->>'side' AS side,
+                     CASE
+                     WHEN jsonb_typeof(e.value) <> 'object' THEN NULL
+                     WHEN NOT (e.value ?& ARRAY['account_id', 'amount_minor', 'side']
+                               AND e.value - ARRAY['account_id', 'amount_minor', 'side']
+                                   = '{}'::jsonb) THEN NULL
+                     WHEN jsonb_typeof(e.value->'account_id') <> 'string'
+                          OR jsonb_typeof(e.value->'side') <> 'string'
+                          OR e.value->>'side' NOT IN ('debit', 'credit')
+                          OR jsonb_typeof(e.value->'amount_minor') <> 'number' THEN NULL
+                     WHEN (e.value->'amount_minor')::text !~ '^[0-9]+$' THEN NULL
+                     WHEN (e.value->'amount_minor')::numeric
+                          NOT BETWEEN 1 AND 9223372036854775807 THEN NULL
+                     ELSE (e.value->'amount_minor')::numeric
+                     END AS amount_minor
+                FROM jsonb_array_elements(p_payload->'postings') AS e
+          ) AS x
+          LEFT JOIN accounts a ON a.account_id = x.account_id;
         v_problem := CASE
             WHEN v_valid <> v_postings THEN
                 'every posting must be {account_id, side, amount_minor} with a positive '

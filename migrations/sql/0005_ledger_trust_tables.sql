@@ -12,15 +12,16 @@ CREATE TABLE ledger_transitions (
 );
 
 -- The event catalog: which kind of stream each event type belongs to, its schema
--- version, and the exact shape of its payload (ledger/rules.py explains `fields`).
+-- version, the payload field that names its stream's entity, whether it may start a
+-- stream and whether it moves money. The shape of each payload is checked by
+-- ledger_payload_problem, rendered from the same Python models (ledger/rules.py).
 CREATE TABLE ledger_event_types (
     event_type      text PRIMARY KEY,
     schema_version  integer NOT NULL CHECK (schema_version >= 1),
     stream_kind     text NOT NULL,
     entity_field    text NOT NULL,
     starts_stream   boolean NOT NULL,
-    moves_money     boolean NOT NULL,
-    fields          jsonb NOT NULL CHECK (jsonb_typeof(fields) = 'object')
+    moves_money     boolean NOT NULL
 );
 
 -- How an event's hash was computed. 1: the content digest came from the writer

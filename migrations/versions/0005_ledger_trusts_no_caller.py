@@ -33,10 +33,12 @@ APPEND_0002 = (
 )
 APPEND = "ledger_append(uuid, text, text, integer, jsonb, text, text, text, integer, integer)"
 APPLY_MONEY = "ledger_apply_money(text, text, jsonb)"
-PAYLOAD_PROBLEM = "ledger_payload_problem(jsonb, jsonb)"
+PAYLOAD_PROBLEM = "ledger_payload_problem(text, jsonb)"
+INTEGERS_ONLY = "ledger_integers_only(jsonb)"
 SAFE_HORIZON = "ledger_safe_horizon()"
 SEAL = "ledger_seal(integer)"
 REFUSE_CHANGE = "ledger_refuse_change()"
+EVENTS_REFUSE_CHANGE = "events_refuse_change()"
 NEW_TABLES = "ledger_transitions, ledger_event_types, ledger_blocks"
 
 
@@ -46,13 +48,23 @@ def upgrade() -> None:
     run_sql_file("0005_ledger_rules")
     op.execute(f"DROP FUNCTION {APPEND_0002}")
     op.execute(f"DROP FUNCTION {APPLY_MONEY}")
-    run_sql_file("0005_ledger_payload_problem")
     run_sql_file("0005_ledger_apply_money")
     run_sql_file("0005_ledger_append")
     run_sql_file("0005_ledger_safe_horizon")
     run_sql_file("0005_ledger_seal")
+    # 0002's trigger function reads nothing, but no function of the ledger takes the
+    # caller's search path.
+    op.execute(f"ALTER FUNCTION {EVENTS_REFUSE_CHANGE} SET search_path = pg_catalog, pg_temp")
     # Functions are executable by PUBLIC unless revoked.
-    for function in (APPEND, APPLY_MONEY, PAYLOAD_PROBLEM, SAFE_HORIZON, SEAL, REFUSE_CHANGE):
+    for function in (
+        APPEND,
+        APPLY_MONEY,
+        PAYLOAD_PROBLEM,
+        INTEGERS_ONLY,
+        SAFE_HORIZON,
+        SEAL,
+        REFUSE_CHANGE,
+    ):
         op.execute(f"REVOKE ALL ON FUNCTION {function} FROM PUBLIC")
     for function in (APPEND, SAFE_HORIZON, SEAL):
         op.execute(f"GRANT EXECUTE ON FUNCTION {function} TO {role}")
@@ -65,13 +77,14 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     role = app_role()
-    for function in (SEAL, SAFE_HORIZON, APPEND, APPLY_MONEY, PAYLOAD_PROBLEM):
+    for function in (SEAL, SAFE_HORIZON, APPEND, APPLY_MONEY, PAYLOAD_PROBLEM, INTEGERS_ONLY):
         op.execute(f"DROP FUNCTION {function}")
     op.execute("DROP TABLE ledger_blocks, ledger_horizon_marks, ledger_event_types")
     op.execute("DROP TABLE ledger_transitions")
     op.execute("DROP FUNCTION ledger_refuse_change()")
     op.execute("ALTER TABLE accounts DROP CONSTRAINT accounts_currency_code")
     op.execute("ALTER TABLE events DROP COLUMN hash_scheme")
+    op.execute(f"ALTER FUNCTION {EVENTS_REFUSE_CHANGE} RESET search_path")
     run_sql_file("0002_ledger_apply_money")
     run_sql_file("0002_ledger_append")
     op.execute(f"REVOKE ALL ON FUNCTION {APPEND_0002} FROM PUBLIC")
