@@ -60,8 +60,18 @@ async def open_account(
     key: AccountsWriteKey,
     idempotency_key: Annotated[str | None, Header()] = None,
 ) -> AccountOut:
-    """Open an account. Needs an Idempotency-Key; the account id is generated if not given."""
+    """Open an account. Needs an Idempotency-Key; the account id is generated if not given.
+
+    An `external` account (a funding source, unlimited) can create money: opening one
+    needs the `ops` scope.
+    """
     idem = require_key(idempotency_key)
+    if body.kind == "external" and "ops" not in key.scopes:
+        raise ProblemError(
+            403,
+            "insufficient_scope",
+            "an external account can create money: opening one needs the ops scope",
+        )
     keys = IdempotencyStore(store.engine)
     fingerprint = request_hash("POST", "/v1/accounts", body.model_dump(mode="json"))
     claim = await keys.lookup(key.key_id, idem, fingerprint)

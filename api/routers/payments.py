@@ -43,6 +43,7 @@ from api.deps import (
     TemporalDep,
 )
 from api.idempotency import REPLAYED_HEADER, IdempotencyStore, derived_id, request_hash, require_key
+from api.keys import ApiKey
 from api.models import (
     ActionAccepted,
     ApproveIn,
@@ -188,12 +189,15 @@ async def create_payment(
         ),
     ] = None,
 ) -> PaymentOut:
-    """Submit a payment: starts its workflow and answers 202 with its id and status URL."""
+    """Submit a payment: starts its workflow and answers 202 with its id and status URL.
+
+    A payment out of an `external` account creates money: it needs the `ops` scope.
+    """
     idem = require_key(idempotency_key)
     keys = IdempotencyStore(store.engine)
     fingerprint = request_hash("POST", "/v1/payments", body.model_dump(mode="json"))
     # Bad input must leave no trace, not even a key: check it before claiming the key.
-    await _check_accounts(store, body)
+    await _check_accounts(store, body, key)
     claim = await keys.claim(key.key_id, idem, fingerprint, derived_id("pay", key.key_id, idem))
     if claim.replay is not None:
         response.headers[REPLAYED_HEADER] = "true"
@@ -273,10 +277,20 @@ async def _start_and_wait(
     return _from_state(state, body.metadata)
 
 
-async def _check_accounts(store: EventStore, body: PaymentCreate) -> None:
-    """Both accounts must exist and hold the payment's currency: a 422 names each problem."""
+async def _check_accounts(store: EventStore, body: PaymentCreate, key: ApiKey) -> None:
+    """Both accounts must exist and hold the payment's currency: a 422 names each problem.
+
+    A payer of kind `external` can create money, so paying out of one needs `ops` (403).
+    """
     terms = await store.account_terms([body.payer_account_id, body.payee_account_id])
     currencies = {account_id: currency for account_id, (currency, _) in terms.items()}
+    payer = terms.get(body.payer_account_id)
+    if payer is not None and payer[1] == "external" and "ops" not in key.scopes:
+        raise ProblemError(
+            403,
+            "insufficient_scope",
+            "a payment out of an external account creates money: it needs the ops scope",
+        )
     problems = []
     for field in ("payer_account_id", "payee_account_id"):
         account_id = getattr(body, field)
