@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.models import UNSTORABLE_ERROR, printable
 from paysaga.logs import request_id_var
 
 PROBLEM_JSON = "application/problem+json"
@@ -120,9 +121,10 @@ def problem_response(
     )
 
 
-def _field(location: tuple[Any, ...]) -> str:
+def _field(location: tuple[Any, ...], below: str = "") -> str:
+    """The dotted name of a field, printable even when a key in it is not."""
     parts = [str(p) for p in location if p not in ("body", "query", "path", "header")]
-    return ".".join(parts) or "body"
+    return printable(".".join(filter(None, (*parts, below)))) or "body"
 
 
 def validation_errors(exc: RequestValidationError) -> tuple[str, list[FieldError]]:
@@ -131,8 +133,13 @@ def validation_errors(exc: RequestValidationError) -> tuple[str, list[FieldError
     for error in exc.errors():
         if error.get("type") == "json_invalid":
             malformed = True
-        message = str(error.get("msg", "invalid"))
-        errors.append(FieldError(field=_field(tuple(error.get("loc", ()))), message=message))
+        message = printable(str(error.get("msg", "invalid")))
+        below = ""
+        if error.get("type") == UNSTORABLE_ERROR:
+            # Named down to the key inside the field (metadata), not just the field.
+            below = str(error.get("ctx", {}).get("path", ""))
+        field = _field(tuple(error.get("loc", ())), below)
+        errors.append(FieldError(field=field, message=message))
     return ("malformed_json" if malformed else "validation_failed"), errors
 
 

@@ -54,6 +54,7 @@ from api.models import (
     PaymentList,
     PaymentOut,
     RejectIn,
+    StorableStr,
 )
 from api.problems import COMMON_RESPONSES, FieldError, ProblemError
 from ledger.events import PAYMENT_ID_PATTERN, payment_stream
@@ -341,9 +342,9 @@ async def list_payments(
     store: StoreDep,
     key: PaymentsReadKey,
     status: Annotated[PaymentStatus | None, Query()] = None,
-    account_id: Annotated[str | None, Query(max_length=64)] = None,
+    account_id: Annotated[StorableStr | None, Query(max_length=64)] = None,
     limit: Annotated[int, Query(ge=1, le=LIST_LIMIT_MAX)] = LIST_LIMIT_DEFAULT,
-    cursor: Annotated[str | None, Query(max_length=40)] = None,
+    cursor: Annotated[StorableStr | None, Query(max_length=40)] = None,
 ) -> PaymentList:
     """Payments, newest first, read from the ledger."""
     states = None
