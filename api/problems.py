@@ -16,6 +16,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from temporalio.client import RPCTimeoutOrCancelledError
+from temporalio.service import RPCError
 
 from api.models import UNSTORABLE_ERROR, printable
 from paysaga.logs import request_id_var
@@ -180,6 +182,18 @@ def install(app: FastAPI) -> None:
             )
         log.exception("database error")
         return problem_response(500, "internal_error", "an unexpected error occurred")
+
+    @app.exception_handler(RPCError)
+    @app.exception_handler(RPCTimeoutOrCancelledError)
+    async def on_temporal(request: Request, exc: Exception) -> JSONResponse:
+        # The error names hosts and internals: the log keeps it, the client never sees it.
+        log.warning("temporal call failed", exc_info=exc)
+        return problem_response(
+            503,
+            "temporal_unavailable",
+            "Temporal cannot serve this request right now; retry shortly",
+            headers={"Retry-After": "1"},
+        )
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
