@@ -132,3 +132,33 @@ async def test_a_lost_database_is_a_503_problem_not_a_crash(
     assert response.headers["content-type"] == "application/problem+json"
     assert response.json()["code"] == "database_unavailable"
     assert response.headers["Retry-After"] == "1"
+
+
+@pytest.mark.parametrize(
+    ("variables", "problem"),
+    [
+        ({"PAYSAGA_METRICS_HOST": "127.0.0.1"}, "PAYSAGA_METRICS_PORT is not"),
+        ({"PAYSAGA_METRICS_PORT": "8000"}, "must differ from PAYSAGA_API_PORT"),
+        (
+            {"PAYSAGA_METRICS_PORT": "8000", "PAYSAGA_METRICS_HOST": "0.0.0.0"},
+            "must differ from PAYSAGA_API_PORT",
+        ),
+    ],
+)
+def test_metrics_apart_must_not_collide_with_the_api(
+    monkeypatch: pytest.MonkeyPatch, variables: dict[str, str], problem: str
+) -> None:
+    for name in ("PAYSAGA_API_HOST", "PAYSAGA_API_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=problem):
+        Settings(_env_file=None)
+
+
+def test_metrics_stay_on_the_api_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("PAYSAGA_METRICS_HOST", "PAYSAGA_METRICS_PORT", "PAYSAGA_API_HOST"):
+        monkeypatch.delenv(name, raising=False)
+    assert Settings(_env_file=None).metrics_address is None
+    monkeypatch.setenv("PAYSAGA_METRICS_PORT", "9464")
+    assert Settings(_env_file=None).metrics_address == ("127.0.0.1", 9464)

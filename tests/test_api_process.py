@@ -1,5 +1,5 @@
 """The real `paysaga api` process over HTTP: a payment end to end, a retry after the
-process was killed mid-request, and a schemathesis run."""
+process was killed mid-request, metrics on their own address, and a schemathesis run."""
 
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ from ledger.store import EventStore
 from paysaga.settings import Settings
 from tests.harness.api import make_keys
 from tests.harness.ledger import fund, open_account
-from tests.harness.processes import Services, api_and_worker
+from tests.harness.processes import Services, api_and_worker, service_env, start_api, stop
 from tests.harness.saga import wait_for
+from tests.harness.stack import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -141,6 +142,28 @@ async def test_a_retry_after_the_api_was_killed_mid_request_finishes_the_same_pa
     ]
     assert len(runs) == 1
     assert (await store.get_position("bob")).credits_posted == 4_200
+
+
+def test_metrics_can_be_served_on_an_address_of_their_own(settings: Settings) -> None:
+    api_port, metrics_port = free_port(), free_port()
+    api = start_api(
+        service_env(
+            settings, PAYSAGA_API_PORT=str(api_port), PAYSAGA_METRICS_PORT=str(metrics_port)
+        )
+    )
+    try:
+        assert httpx.get(f"http://127.0.0.1:{api_port}/healthz").status_code == 200
+        on_the_api = httpx.get(f"http://127.0.0.1:{api_port}/metrics")
+        assert on_the_api.status_code == 404
+        assert on_the_api.json()["code"] == "not_found"
+        apart = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics")
+        assert apart.status_code == 200
+        assert 'paysaga_http_requests_total{method="GET",route="/healthz",status="200"}' in (
+            apart.text
+        )
+        assert 'route="/metrics",status="404"' in apart.text
+    finally:
+        stop(api)
 
 
 SCHEMATHESIS_EXAMPLES_PER_OPERATION = 25

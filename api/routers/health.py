@@ -12,6 +12,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sqlalchemy.exc import DBAPIError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from temporalio.service import RPCError, RPCStatusCode
 
 router = APIRouter(tags=["health"])
@@ -110,5 +111,7 @@ async def readyz(request: Request) -> Response:
 
 @router.get("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
-    """Prometheus exposition format."""
+    """Prometheus exposition format; not here when PAYSAGA_METRICS_PORT serves them apart."""
+    if request.app.state.settings.metrics_address is not None:
+        raise StarletteHTTPException(404)
     return request.app.state.metrics.render()  # type: ignore[no-any-return]
