@@ -128,7 +128,7 @@ class IdempotencyStore:
                 await conn.execute(
                     text(
                         "SELECT request_hash, state, resource_id, response_status, response_body, "
-                        f"locked_until <= now() AS lease_expired FROM idempotency_keys "
+                        "locked_until <= now() AS lease_expired FROM idempotency_keys "
                         f"WHERE {_WHERE_KEY}"
                     ),
                     {"api": api_key_id, "key": key},
