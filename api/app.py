@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from temporalio.client import Client
 
 from api import problems
-from api.metrics import ApiMetrics
+from api.metrics import ApiMetrics, MetricsServer
 from api.routers import accounts, events, health, payments
 from ledger.store import EventStore
 from paysaga.db import database_urls, open_store
@@ -129,10 +129,14 @@ def create_app(
             database_urls(settings), pool_size=settings.db_pool_size
         )
         app.state.temporal = LazyClient(settings, temporal_client)
+        apart = settings.metrics_address
+        metrics_server = MetricsServer(app.state.metrics.registry, *apart) if apart else None
         refresher = asyncio.create_task(_refresh_payment_metrics(app))
         try:
             yield
         finally:
+            if metrics_server is not None:
+                await metrics_server.close()
             refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await refresher

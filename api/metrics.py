@@ -1,7 +1,12 @@
-"""Prometheus metrics for the API, in a registry of the app's own (tests build many apps)."""
+"""Prometheus metrics for the API, in a registry of the app's own (tests build many apps).
+
+They are served by the API at `/metrics`, or, when `PAYSAGA_METRICS_PORT` is set, on an
+address of their own (`MetricsServer`), which keeps them off a public API listener.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
@@ -13,6 +18,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    start_http_server,
 )
 
 from ledger.state_machine import PAYMENT_STATUS_BY_STATE, TERMINAL_STATES
@@ -97,3 +103,17 @@ class ApiMetrics:
             route = getattr(request.scope.get("route"), "path", "<unmatched>")
             self.requests.labels(route, request.method, str(status)).inc()
             self.latency.labels(route, request.method).observe(time.perf_counter() - started)
+
+
+class MetricsServer:
+    """A registry served over plain HTTP on its own address, by a thread of its own."""
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+        # Binding happens here: a taken port fails the API's start, loudly.
+        self._server, self._thread = start_http_server(port, addr=host, registry=registry)
+
+    async def close(self) -> None:
+        # shutdown() waits for the serving loop to notice; not on the event loop.
+        await asyncio.to_thread(self._server.shutdown)
+        self._server.server_close()
+        self._thread.join()

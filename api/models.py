@@ -2,16 +2,19 @@
 
 Requests are strict: amounts are JSON integers (a string, a float or a boolean is
 refused), currencies are ISO 4217 codes with a minor unit, unknown fields are refused,
-and free-form parts are bounded.
+free-form parts are bounded, and no string anywhere in a request holds a character
+PostgreSQL cannot store (see `unstorable_path`).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from ledger.events import AccountId, AccountKind, Metadata
 from ledger.money import AmountMinor, CurrencyCode, NonNegativeMinor
@@ -34,8 +37,71 @@ def _bounded_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
 BoundedMetadata = Annotated[Metadata, AfterValidator(_bounded_metadata)]
 
 
+UNSTORABLE_ERROR = "unstorable_text"
+# PostgreSQL's text and jsonb cannot hold U+0000; a lone surrogate (which JSON lets a
+# client send as "\ud800") is not Unicode at all and cannot even be encoded to UTF-8.
+_UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
+
+
+def printable(text: str) -> str:
+    """`text` with every unstorable character spelled as an escape, safe to echo back."""
+    return _UNSTORABLE.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
+
+
+def unstorable_path(value: Any) -> tuple[str, str] | None:
+    """Where in `value` (a JSON-like tree) an unstorable character is, and which one.
+
+    Returns (the dotted path below `value`: "" for `value` itself, a bad key escaped;
+    the character as U+XXXX), or None when every string and key can be stored. It
+    walks without recursion, so no nesting depth can exhaust the stack.
+    """
+    pending: list[tuple[str, Any]] = [("", value)]
+    while pending:
+        path, item = pending.pop()
+        if isinstance(item, str):
+            found = _UNSTORABLE.search(item)
+            if found is not None:
+                return path, f"U+{ord(found.group()):04X}"
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                child_path = ".".join(filter(None, (path, printable(str(key)))))
+                pending.append((child_path, key))
+                pending.append((child_path, child))
+        elif isinstance(item, list | tuple):
+            pending.extend(
+                (".".join(filter(None, (path, str(index)))), child)
+                for index, child in enumerate(item)
+            )
+    return None
+
+
+def refuse_unstorable(value: Any) -> Any:
+    """`value` unchanged, or a validation error naming the unstorable character and where."""
+    found = unstorable_path(value)
+    if found is None:
+        return value
+    path, character = found
+    raise PydanticCustomError(
+        UNSTORABLE_ERROR,
+        "contains {character}, which cannot be stored",
+        {"character": character, "path": path},
+    )
+
+
+# A string query parameter: the same rule as every string of a request body.
+StorableStr = Annotated[str, AfterValidator(refuse_unstorable)]
+
+
 class _Request(BaseModel):
+    """Every request body: unknown fields refused, every string storable."""
+
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _storable(cls, data: Any) -> Any:
+        # Before any other check, on the raw JSON: every key and value, unknown ones too.
+        return refuse_unstorable(data)
 
 
 # --- accounts -----------------------------------------------------------------------------

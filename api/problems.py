@@ -16,7 +16,10 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from temporalio.client import RPCTimeoutOrCancelledError
+from temporalio.service import RPCError
 
+from api.models import UNSTORABLE_ERROR, printable
 from paysaga.logs import request_id_var
 
 PROBLEM_JSON = "application/problem+json"
@@ -120,9 +123,10 @@ def problem_response(
     )
 
 
-def _field(location: tuple[Any, ...]) -> str:
+def _field(location: tuple[Any, ...], below: str = "") -> str:
+    """The dotted name of a field, printable even when a key in it is not."""
     parts = [str(p) for p in location if p not in ("body", "query", "path", "header")]
-    return ".".join(parts) or "body"
+    return printable(".".join(filter(None, (*parts, below)))) or "body"
 
 
 def validation_errors(exc: RequestValidationError) -> tuple[str, list[FieldError]]:
@@ -131,8 +135,13 @@ def validation_errors(exc: RequestValidationError) -> tuple[str, list[FieldError
     for error in exc.errors():
         if error.get("type") == "json_invalid":
             malformed = True
-        message = str(error.get("msg", "invalid"))
-        errors.append(FieldError(field=_field(tuple(error.get("loc", ()))), message=message))
+        message = printable(str(error.get("msg", "invalid")))
+        below = ""
+        if error.get("type") == UNSTORABLE_ERROR:
+            # Named down to the key inside the field (metadata), not just the field.
+            below = str(error.get("ctx", {}).get("path", ""))
+        field = _field(tuple(error.get("loc", ())), below)
+        errors.append(FieldError(field=field, message=message))
     return ("malformed_json" if malformed else "validation_failed"), errors
 
 
@@ -173,6 +182,18 @@ def install(app: FastAPI) -> None:
             )
         log.exception("database error")
         return problem_response(500, "internal_error", "an unexpected error occurred")
+
+    @app.exception_handler(RPCError)
+    @app.exception_handler(RPCTimeoutOrCancelledError)
+    async def on_temporal(request: Request, exc: Exception) -> JSONResponse:
+        # The error names hosts and internals: the log keeps it, the client never sees it.
+        log.warning("temporal call failed", exc_info=exc)
+        return problem_response(
+            503,
+            "temporal_unavailable",
+            "Temporal cannot serve this request right now; retry shortly",
+            headers={"Retry-After": "1"},
+        )
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:

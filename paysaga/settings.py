@@ -19,6 +19,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 PLACEHOLDER_SECRETS = frozenset({"dev-insecure-change-me", "changeme", "change-me", "secret", ""})
 
 Environment = Literal["development", "test", "production"]
+# Addresses that bind every interface, so they collide with any other on the same port.
+_ANY_HOST = frozenset({"0.0.0.0", "::", ""})
 
 
 class Settings(BaseSettings):
@@ -186,6 +188,20 @@ class Settings(BaseSettings):
         "a revoked key stops working within this many seconds.",
     )
 
+    metrics_host: str | None = Field(
+        default=None,
+        description="PAYSAGA_METRICS_HOST: the interface for PAYSAGA_METRICS_PORT. "
+        "Unset: PAYSAGA_API_HOST.",
+    )
+    metrics_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="PAYSAGA_METRICS_PORT: serve the Prometheus metrics on this port of their "
+        "own, and not on the API (whose /metrics then answers 404). Unset: metrics are "
+        "served by the API at /metrics.",
+    )
+
     # --- Ledger -----------------------------------------------------------------------
     seal_interval_s: float = Field(
         default=2.0,
@@ -205,6 +221,19 @@ class Settings(BaseSettings):
     def _fees_need_an_account(self) -> Settings:
         if (self.fee_bps or self.fee_fixed_minor) and not self.fees_account_id:
             raise ValueError("a fee is configured but PAYSAGA_FEES_ACCOUNT_ID is not")
+        return self
+
+    @model_validator(mode="after")
+    def _metrics_apart_from_the_api(self) -> Settings:
+        if self.metrics_port is None:
+            if self.metrics_host is not None:
+                raise ValueError("PAYSAGA_METRICS_HOST is set but PAYSAGA_METRICS_PORT is not")
+            return self
+        hosts = {self.api_host, self.metrics_host or self.api_host}
+        if self.metrics_port == self.api_port and (len(hosts) == 1 or hosts & _ANY_HOST):
+            raise ValueError(
+                "PAYSAGA_METRICS_PORT must differ from PAYSAGA_API_PORT on the same interface"
+            )
         return self
 
     @model_validator(mode="after")
@@ -243,6 +272,13 @@ class Settings(BaseSettings):
     def api_url(self) -> str:
         host = "127.0.0.1" if self.api_host in ("0.0.0.0", "::") else self.api_host
         return f"http://{host}:{self.api_port}"
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """Where metrics are served apart from the API; None when the API serves them."""
+        if self.metrics_port is None:
+            return None
+        return self.metrics_host or self.api_host, self.metrics_port
 
     @classmethod
     def env_names(cls) -> frozenset[str]:

@@ -1,4 +1,5 @@
-"""API keys (401, 403, revocation, no key material in logs) and the accounts routes."""
+"""API keys (401, 403, revocation, no key material in logs), the accounts routes, and the
+`ops` scope that creating money needs."""
 
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ import time
 import uuid
 
 import pytest
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.keys import revoke_api_key
+from ledger.store import EventStore
 from paysaga.logs import JsonFormatter
 from paysaga.settings import Settings
 from tests.harness.api import CALLERS, Api
-from tests.harness.saga import wait_for
+from tests.harness.saga import Payments, wait_for
 
 # Every protected route, and the scope it needs.
 ROUTES: list[tuple[str, str, str]] = [
@@ -137,7 +140,9 @@ async def test_an_account_is_opened_and_read_with_its_position(api: Api) -> None
 
 async def test_an_account_id_is_generated_when_not_given(api: Api) -> None:
     response = await api.post(
-        "/v1/accounts", {"currency": "JPY", "kind": "external", "overdraft_limit_minor": None}
+        "/v1/accounts",
+        {"currency": "JPY", "kind": "external", "overdraft_limit_minor": None},
+        caller="treasury",
     )
     assert response.status_code == 201
     account = response.json()
@@ -162,3 +167,68 @@ async def test_opening_an_account_is_idempotent(api: Api) -> None:
     assert first.status_code == again.status_code == 201
     assert again.json()["id"] == first.json()["id"]
     assert again.headers["Idempotent-Replayed"] == "true"
+
+
+async def _footprint(store: EventStore) -> tuple[int, int, int]:
+    """Accounts, ledger events and idempotency keys: what a refused request must not add."""
+    async with store.engine.connect() as conn:
+        counts = [
+            (await conn.execute(text(f"SELECT count(*) FROM {table}"))).scalar_one()
+            for table in ("accounts", "events", "idempotency_keys")
+        ]
+    return counts[0], counts[1], counts[2]
+
+
+async def test_opening_an_external_account_needs_the_ops_scope(api: Api, store: EventStore) -> None:
+    world = {"id": "world", "currency": "EUR", "kind": "external", "overdraft_limit_minor": None}
+    before = await _footprint(store)
+    key = str(uuid.uuid4())
+    refused = await api.post("/v1/accounts", world, idempotency_key=key)
+    assert refused.status_code == 403, refused.text
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert refused.json()["code"] == "insufficient_scope"
+    assert "ops" in refused.json()["detail"]
+    # Even with a limit, an external account is a funding source: still refused.
+    limited = await api.post("/v1/accounts", {**world, "overdraft_limit_minor": 10})
+    assert limited.status_code == 403
+    assert await _footprint(store) == before
+    assert (await api.get("/v1/accounts/world")).status_code == 404
+
+    opened = await api.post("/v1/accounts", world, caller="treasury", idempotency_key=key)
+    assert opened.status_code == 201, opened.text
+    assert opened.json()["kind"] == "external"
+
+
+async def test_paying_out_of_an_external_account_needs_the_ops_scope(
+    api: Api, store: EventStore, payments: Payments, task_queue: str
+) -> None:
+    """Row 1 of issue 8: a client key opened a funding account and paid itself from it."""
+    await api.open_account("world", kind="external", overdraft_limit_minor=None, caller="treasury")
+    await api.open_account("mallory")
+    before = await _footprint(store)
+    workflows_before = await _workflows(payments, task_queue)
+    key = str(uuid.uuid4())
+    minting = {
+        "payer_account_id": "world",
+        "payee_account_id": "mallory",
+        "amount_minor": 999_999,
+        "currency": "EUR",
+    }
+    refused = await api.post("/v1/payments", minting, idempotency_key=key)
+    assert refused.status_code == 403, refused.text
+    assert refused.json()["code"] == "insufficient_scope"
+    assert await _footprint(store) == before
+    assert await _workflows(payments, task_queue) == workflows_before
+    mallory = (await api.get("/v1/accounts/mallory")).json()["position"]
+    assert (mallory["posted"], mallory["pending"]) == (0, 0)
+
+    funded = await api.pay("world", "mallory", 5_000, caller="treasury")
+    assert funded.json()["status"] == "SETTLED", funded.text
+    # Paying into an external account moves money out of the system: a client may.
+    paid_out = await api.pay("mallory", "world", 1_000)
+    assert paid_out.json()["status"] == "SETTLED", paid_out.text
+    assert (await api.get("/v1/accounts/mallory")).json()["position"]["posted"] == 4_000
+
+
+async def _workflows(payments: Payments, task_queue: str) -> int:
+    return len([wf async for wf in payments.client.list_workflows(f'TaskQueue="{task_queue}"')])

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 from fastapi import FastAPI
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import create_async_engine
 from temporalio.client import Client
 
@@ -42,11 +43,17 @@ async def test_readyz_reports_each_dependency(http: httpx.AsyncClient) -> None:
     body = response.json()
     assert body["status"] == "ready"
     assert set(body["checks"]) == {"database", "temporal"}
-    assert all(check["ok"] for check in body["checks"].values())
+    for check in body["checks"].values():
+        assert check["ok"] is True
+        assert isinstance(check["latency_ms"], int)
+        assert "reason" not in check
 
 
 async def test_readyz_is_503_and_names_the_database_when_it_is_down(
-    settings: Settings, store: EventStore, temporal_client: Client
+    settings: Settings,
+    store: EventStore,
+    temporal_client: Client,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     dead = create_async_engine(
         "postgresql+psycopg://nobody@127.0.0.1:9/none", connect_args={"connect_timeout": 1}
@@ -61,8 +68,14 @@ async def test_readyz_is_503_and_names_the_database_when_it_is_down(
     body = response.json()
     assert body["status"] == "not_ready"
     assert body["checks"]["database"]["ok"] is False
-    assert body["checks"]["database"]["error"]
+    assert body["checks"]["database"]["reason"] == "unreachable"
+    assert isinstance(body["checks"]["database"]["latency_ms"], int)
     assert body["checks"]["temporal"]["ok"] is True
+    _tells_nothing_of_the_error(response)
+    # The full error goes to the API's log instead.
+    logged = [r for r in caplog.records if r.getMessage() == "readiness check failed"]
+    assert logged and logged[0].exc_info is not None
+    assert isinstance(logged[0].exc_info[1], OperationalError)
 
 
 async def test_readyz_is_503_and_names_temporal_when_it_is_unreachable(
@@ -74,7 +87,16 @@ async def test_readyz_is_503_and_names_temporal_when_it_is_unreachable(
     assert response.status_code == 503
     checks = response.json()["checks"]
     assert checks["temporal"]["ok"] is False
+    assert checks["temporal"]["reason"] == "unreachable"
     assert checks["database"]["ok"] is True
+    _tells_nothing_of_the_error(response)
+
+
+def _tells_nothing_of_the_error(response: httpx.Response) -> None:
+    """No exception text: not its class, not the host, port or user it names."""
+    for leak in ("Error", "Exception", "127.0.0.1", "nobody", "connect", "refused"):
+        assert leak not in response.text, leak
+    assert set(response.json()["checks"]["database"]) <= {"ok", "latency_ms", "reason"}
 
 
 async def test_docs_and_openapi_are_served(http: httpx.AsyncClient) -> None:
@@ -110,3 +132,33 @@ async def test_a_lost_database_is_a_503_problem_not_a_crash(
     assert response.headers["content-type"] == "application/problem+json"
     assert response.json()["code"] == "database_unavailable"
     assert response.headers["Retry-After"] == "1"
+
+
+@pytest.mark.parametrize(
+    ("variables", "problem"),
+    [
+        ({"PAYSAGA_METRICS_HOST": "127.0.0.1"}, "PAYSAGA_METRICS_PORT is not"),
+        ({"PAYSAGA_METRICS_PORT": "8000"}, "must differ from PAYSAGA_API_PORT"),
+        (
+            {"PAYSAGA_METRICS_PORT": "8000", "PAYSAGA_METRICS_HOST": "0.0.0.0"},
+            "must differ from PAYSAGA_API_PORT",
+        ),
+    ],
+)
+def test_metrics_apart_must_not_collide_with_the_api(
+    monkeypatch: pytest.MonkeyPatch, variables: dict[str, str], problem: str
+) -> None:
+    for name in ("PAYSAGA_API_HOST", "PAYSAGA_API_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=problem):
+        Settings(_env_file=None)
+
+
+def test_metrics_stay_on_the_api_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("PAYSAGA_METRICS_HOST", "PAYSAGA_METRICS_PORT", "PAYSAGA_API_HOST"):
+        monkeypatch.delenv(name, raising=False)
+    assert Settings(_env_file=None).metrics_address is None
+    monkeypatch.setenv("PAYSAGA_METRICS_PORT", "9464")
+    assert Settings(_env_file=None).metrics_address == ("127.0.0.1", 9464)

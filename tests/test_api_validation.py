@@ -192,3 +192,108 @@ async def test_bad_account_input_is_a_422_and_opens_nothing(
         assert (
             await conn.execute(text("SELECT count(*) FROM accounts"))
         ).scalar_one() == accounts_before
+
+
+# Strings PostgreSQL cannot store (U+0000) or that are not Unicode at all (a lone
+# surrogate, which JSON can spell as "\ud800"), in every place a request can carry one.
+UNSTORABLE_PAYMENTS: list[tuple[str, dict[str, Any], str]] = [
+    ("NUL in reference", {"reference": "order\u00001"}, "reference"),
+    ("surrogate in reference", {"reference": "\ud800"}, "reference"),
+    ("NUL in a metadata value", {"metadata": {"note": "a\u0000"}}, "metadata.note"),
+    ("NUL in a metadata key", {"metadata": {"k\u0000": "v"}}, "metadata.k\\u0000"),
+    (
+        "surrogate deep in metadata",
+        {"metadata": {"lines": [{"sku": "x"}, {"sku": "\udfff"}]}},
+        "metadata.lines.1.sku",
+    ),
+    ("surrogate in an unknown field's name", {"\udc80": "x"}, "\\udc80"),
+    ("NUL in an account id", {"payee_account_id": "bob\u0000"}, "payee_account_id"),
+]
+
+
+async def _post_raw(api: Api, path: str, body: dict[str, Any], key: str) -> Any:
+    """POST `body` as ASCII JSON: httpx itself cannot encode a lone surrogate."""
+    return await api.http.post(
+        path,
+        content=json.dumps(body).encode(),
+        headers={**api.headers(), "Idempotency-Key": key, "Content-Type": "application/json"},
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "change", "field"), UNSTORABLE_PAYMENTS, ids=[c[0] for c in UNSTORABLE_PAYMENTS]
+)
+async def test_an_unstorable_character_in_a_payment_is_a_422_and_leaves_no_key(
+    bank: Api,
+    store: EventStore,
+    payments,
+    task_queue: str,
+    name: str,
+    change: dict[str, Any],
+    field: str,
+) -> None:
+    """Row 13 of issue 8: a 500, and the key stuck in flight so that retries got 409."""
+    before = await _footprint(store, payments.client, task_queue)
+    key = str(uuid.uuid4())
+    for _attempt in ("first", "retry"):
+        response = await _post_raw(bank, "/v1/payments", {**BODY, **change}, key)
+        assert response.status_code == 422, response.text
+        assert response.headers["content-type"] == "application/problem+json"
+        problem = response.json()
+        assert problem["code"] == "validation_failed"
+        assert [error["field"] for error in problem["errors"]] == [field]
+        assert "cannot be stored" in problem["errors"][0]["message"]
+    assert await _footprint(store, payments.client, task_queue) == before
+    # The key is free: the same key with a good body is a new payment.
+    good = await bank.post("/v1/payments", BODY, idempotency_key=key)
+    assert good.status_code == 202, good.text
+    assert "Idempotent-Replayed" not in good.headers
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        (
+            "/v1/accounts",
+            {"currency": "EUR", "kind": "customer", "metadata": {"a": "\u0000"}},
+            "metadata.a",
+        ),
+        ("/v1/accounts", {"id": "carol\ud800", "currency": "EUR", "kind": "customer"}, "id"),
+        ("/v1/payments/pay_x/cancel", {"reason": "no\u0000"}, "reason"),
+        ("/v1/payments/pay_x/approve", {"note": "\ud83d"}, "note"),
+        ("/v1/payments/pay_x/reject", {"reason": "\u0000"}, "reason"),
+    ],
+)
+async def test_an_unstorable_character_in_any_request_body_is_a_422(
+    bank: Api,
+    store: EventStore,
+    payments,
+    task_queue: str,
+    path: str,
+    body: dict[str, Any],
+    field: str,
+) -> None:
+    before = await _footprint(store, payments.client, task_queue)
+    caller = "ops" if path.endswith(("/approve", "/reject")) else "client"
+    response = await bank.http.post(
+        path,
+        content=json.dumps(body).encode(),
+        headers={
+            **bank.headers(caller),
+            "Idempotency-Key": str(uuid.uuid4()),
+            "Content-Type": "application/json",
+        },
+    )
+    assert response.status_code == 422, response.text
+    assert [error["field"] for error in response.json()["errors"]] == [field]
+    assert await _footprint(store, payments.client, task_queue) == before
+
+
+async def test_an_unstorable_character_in_a_query_parameter_is_a_422(bank: Api) -> None:
+    for params, field in (
+        ({"account_id": "alice\u0000"}, "account_id"),
+        ({"cursor": "\u0000"}, "cursor"),
+    ):
+        response = await bank.get("/v1/payments", params=params)
+        assert response.status_code == 422, response.text
+        assert [error["field"] for error in response.json()["errors"]] == [field]

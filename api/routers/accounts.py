@@ -60,8 +60,18 @@ async def open_account(
     key: AccountsWriteKey,
     idempotency_key: Annotated[str | None, Header()] = None,
 ) -> AccountOut:
-    """Open an account. Needs an Idempotency-Key; the account id is generated if not given."""
+    """Open an account. Needs an Idempotency-Key; the account id is generated if not given.
+
+    An `external` account (a funding source, unlimited) can create money: opening one
+    needs the `ops` scope.
+    """
     idem = require_key(idempotency_key)
+    if body.kind == "external" and "ops" not in key.scopes:
+        raise ProblemError(
+            403,
+            "insufficient_scope",
+            "an external account can create money: opening one needs the ops scope",
+        )
     keys = IdempotencyStore(store.engine)
     fingerprint = request_hash("POST", "/v1/accounts", body.model_dump(mode="json"))
     claim = await keys.lookup(key.key_id, idem, fingerprint)
@@ -74,29 +84,30 @@ async def open_account(
         response.headers[REPLAYED_HEADER] = "true"
         response.status_code = claim.replay.status
         return AccountOut.model_validate(claim.replay.body)
-    try:
-        await store.open_account(
-            AccountOpened(
-                account_id=claim.resource_id,
-                currency=body.currency,
-                kind=body.kind,
-                overdraft_limit_minor=body.overdraft_limit_minor,
-                metadata=body.metadata,
-            ),
-            actor=f"api-key:{key.key_id}",
-            event_id=event_id_for(f"api-key:{key.key_id}", f"open-account/{idem}"),
-            correlation_id=request_id_var.get(),
-        )
-    except (errors.AccountExists, errors.IdempotencyConflict):
-        await keys.release(key.key_id, idem)
-        raise ProblemError(
-            409, "account_exists", f"an account {claim.resource_id!r} already exists"
-        ) from None
-    except BaseException:
-        await keys.release(key.key_id, idem)
-        raise
-    out = account_out(await load_account(store, claim.resource_id))
-    await keys.complete(key.key_id, idem, 201, out.model_dump(mode="json"))
+    async with keys.hold(key.key_id, idem, claim) as lease:
+        # The append may commit even if its answer is lost; a retry appends the same
+        # event id again, which the ledger answers with the event already there.
+        lease.may_create()
+        try:
+            await store.open_account(
+                AccountOpened(
+                    account_id=claim.resource_id,
+                    currency=body.currency,
+                    kind=body.kind,
+                    overdraft_limit_minor=body.overdraft_limit_minor,
+                    metadata=body.metadata,
+                ),
+                actor=f"api-key:{key.key_id}",
+                event_id=event_id_for(f"api-key:{key.key_id}", f"open-account/{idem}"),
+                correlation_id=request_id_var.get(),
+            )
+        except (errors.AccountExists, errors.IdempotencyConflict):
+            await lease.release()
+            raise ProblemError(
+                409, "account_exists", f"an account {claim.resource_id!r} already exists"
+            ) from None
+        out = account_out(await load_account(store, claim.resource_id))
+        await lease.complete(201, out.model_dump(mode="json"))
     response.headers["Location"] = f"/v1/accounts/{out.id}"
     return out
 

@@ -27,6 +27,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Header, Query, Response
 from temporalio.client import (
     Client,
+    RPCTimeoutOrCancelledError,
     WorkflowFailureError,
     WorkflowUpdateFailedError,
 )
@@ -43,6 +44,7 @@ from api.deps import (
     TemporalDep,
 )
 from api.idempotency import REPLAYED_HEADER, IdempotencyStore, derived_id, request_hash, require_key
+from api.keys import ApiKey
 from api.models import (
     ActionAccepted,
     ApproveIn,
@@ -53,6 +55,7 @@ from api.models import (
     PaymentList,
     PaymentOut,
     RejectIn,
+    StorableStr,
 )
 from api.problems import COMMON_RESPONSES, FieldError, ProblemError
 from ledger.events import PAYMENT_ID_PATTERN, payment_stream
@@ -80,6 +83,19 @@ WAIT_SETTLED_S_MAX = 30.0
 LIST_LIMIT_MAX = 200
 LIST_LIMIT_DEFAULT = 50
 QUERY_TIMEOUT_S = 5.0
+# Temporal refused to start the workflow, so it certainly does not exist and the key is
+# released. Any other failure (a timeout, a lost connection) leaves that unknown.
+START_REFUSED_STATUSES = frozenset(
+    {
+        RPCStatusCode.INVALID_ARGUMENT,
+        RPCStatusCode.NOT_FOUND,
+        RPCStatusCode.PERMISSION_DENIED,
+        RPCStatusCode.UNAUTHENTICATED,
+        RPCStatusCode.FAILED_PRECONDITION,
+        RPCStatusCode.RESOURCE_EXHAUSTED,
+        RPCStatusCode.UNIMPLEMENTED,
+    }
+)
 
 
 def status_url(payment_id: str) -> str:
@@ -188,22 +204,16 @@ async def create_payment(
         ),
     ] = None,
 ) -> PaymentOut:
-    """Submit a payment: starts its workflow and answers 202 with its id and status URL."""
+    """Submit a payment: starts its workflow and answers 202 with its id and status URL.
+
+    A payment out of an `external` account creates money: it needs the `ops` scope.
+    """
     idem = require_key(idempotency_key)
     keys = IdempotencyStore(store.engine)
     fingerprint = request_hash("POST", "/v1/payments", body.model_dump(mode="json"))
     # Bad input must leave no trace, not even a key: check it before claiming the key.
-    await _check_accounts(store, body)
-    claim = await keys.claim(key.key_id, idem, fingerprint, derived_id("pay", key.key_id, idem))
-    if claim.replay is not None:
-        response.headers[REPLAYED_HEADER] = "true"
-        response.headers["Location"] = status_url(claim.resource_id)
-        response.status_code = claim.replay.status
-        return PaymentOut.model_validate(claim.replay.body)
-
-    payment_id = claim.resource_id
-    payment_id_var.set(payment_id)
-    workflow_id_var.set(workflow_id_for(payment_id))
+    await _check_accounts(store, body, key)
+    payment_id = derived_id("pay", key.key_id, idem)
     request = PaymentRequest(
         payment_id=payment_id,
         payer_account_id=body.payer_account_id,
@@ -216,35 +226,48 @@ async def create_payment(
         causation_id=request_id_var.get(),
         policy=policy_from_settings(settings),
     )
-    out: PaymentOut | None = None
-    try:
+    claim = await keys.claim(key.key_id, idem, fingerprint, payment_id)
+    if claim.replay is not None:
+        response.headers[REPLAYED_HEADER] = "true"
+        response.headers["Location"] = status_url(claim.resource_id)
+        response.status_code = claim.replay.status
+        return PaymentOut.model_validate(claim.replay.body)
+
+    payment_id_var.set(payment_id)
+    workflow_id_var.set(workflow_id_for(payment_id))
+    async with keys.hold(key.key_id, idem, claim) as lease:
+        # Past this point the workflow may exist: a failure hands the key to the next
+        # retry, which finishes the job (the workflow id is fixed; starting is idempotent).
+        lease.may_create()
+        out: PaymentOut | None = None
         if wait == "settled":
             out = await _start_and_wait(store, client, request, body, settings.task_queue)
         else:
-            await _start(client, request, settings.task_queue)
-    except BaseException:
-        # Nothing was created (the workflow id is fixed, so a retry finds it if it was).
-        await keys.release(key.key_id, idem)
-        raise
-    log.info(
-        "payment started", extra={"amount_minor": body.amount_minor, "currency": body.currency}
-    )
-    if out is None:
-        now = datetime.now(UTC)
-        out = PaymentOut(
-            id=payment_id,
-            status="INITIATED",
-            status_url=status_url(payment_id),
-            payer_account_id=body.payer_account_id,
-            payee_account_id=body.payee_account_id,
-            amount_minor=body.amount_minor,
-            currency=body.currency,
-            reference=body.reference,
-            metadata=body.metadata,
-            created_at=now,
-            updated_at=now,
+            try:
+                await _start(client, request, settings.task_queue)
+            except RPCError as error:
+                if error.status in START_REFUSED_STATUSES:
+                    await lease.release()
+                raise
+        log.info(
+            "payment started", extra={"amount_minor": body.amount_minor, "currency": body.currency}
         )
-    await keys.complete(key.key_id, idem, 202, out.model_dump(mode="json"))
+        if out is None:
+            now = datetime.now(UTC)
+            out = PaymentOut(
+                id=payment_id,
+                status="INITIATED",
+                status_url=status_url(payment_id),
+                payer_account_id=body.payer_account_id,
+                payee_account_id=body.payee_account_id,
+                amount_minor=body.amount_minor,
+                currency=body.currency,
+                reference=body.reference,
+                metadata=body.metadata,
+                created_at=now,
+                updated_at=now,
+            )
+        await lease.complete(202, out.model_dump(mode="json"))
     response.headers["Location"] = status_url(payment_id)
     return out
 
@@ -267,16 +290,30 @@ async def _start_and_wait(
         state = await asyncio.wait_for(
             start_payment_and_wait(client, request, task_queue=task_queue), WAIT_SETTLED_S_MAX
         )
-    except (TimeoutError, WorkflowUpdateFailedError):
+    except (TimeoutError, RPCTimeoutOrCancelledError, WorkflowUpdateFailedError):
         # Still running (or the workflow was cancelled): answer with where it stands.
+        # The SDK reports its own cancellation by wait_for as an RPC timeout.
+        return await read_payment(store, client, request.payment_id)
+    except WorkflowAlreadyStartedError:
+        # It has already ended: a retry taking over a request that died while it ran.
         return await read_payment(store, client, request.payment_id)
     return _from_state(state, body.metadata)
 
 
-async def _check_accounts(store: EventStore, body: PaymentCreate) -> None:
-    """Both accounts must exist and hold the payment's currency: a 422 names each problem."""
+async def _check_accounts(store: EventStore, body: PaymentCreate, key: ApiKey) -> None:
+    """Both accounts must exist and hold the payment's currency: a 422 names each problem.
+
+    A payer of kind `external` can create money, so paying out of one needs `ops` (403).
+    """
     terms = await store.account_terms([body.payer_account_id, body.payee_account_id])
     currencies = {account_id: currency for account_id, (currency, _) in terms.items()}
+    payer = terms.get(body.payer_account_id)
+    if payer is not None and payer[1] == "external" and "ops" not in key.scopes:
+        raise ProblemError(
+            403,
+            "insufficient_scope",
+            "a payment out of an external account creates money: it needs the ops scope",
+        )
     problems = []
     for field in ("payer_account_id", "payee_account_id"):
         account_id = getattr(body, field)
@@ -327,9 +364,9 @@ async def list_payments(
     store: StoreDep,
     key: PaymentsReadKey,
     status: Annotated[PaymentStatus | None, Query()] = None,
-    account_id: Annotated[str | None, Query(max_length=64)] = None,
+    account_id: Annotated[StorableStr | None, Query(max_length=64)] = None,
     limit: Annotated[int, Query(ge=1, le=LIST_LIMIT_MAX)] = LIST_LIMIT_DEFAULT,
-    cursor: Annotated[str | None, Query(max_length=40)] = None,
+    cursor: Annotated[StorableStr | None, Query(max_length=40)] = None,
 ) -> PaymentList:
     """Payments, newest first, read from the ledger."""
     states = None

@@ -14,12 +14,16 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from api.keys import create_api_key
 
-# Who may call what: one key per kind of caller.
+# Who may call what: one key per kind of caller. Only `treasury` may create money
+# (open an external account, pay out of one): that takes `ops` as well.
 CALLERS: dict[str, frozenset[str]] = {
     "client": frozenset({"payments:write", "payments:read", "accounts:write", "accounts:read"}),
     "reader": frozenset({"payments:read", "accounts:read"}),
     "ops": frozenset({"ops", "payments:read"}),
     "accounts": frozenset({"accounts:write", "accounts:read"}),
+    "treasury": frozenset(
+        {"payments:write", "payments:read", "accounts:write", "accounts:read", "ops"}
+    ),
 }
 
 
@@ -66,14 +70,22 @@ class Api:
         return await self.http.get(path, headers=self.headers(caller), **kwargs)
 
     async def open_account(
-        self, account_id: str, currency: str = "EUR", kind: str = "customer", **extra: Any
+        self,
+        account_id: str,
+        currency: str = "EUR",
+        kind: str = "customer",
+        *,
+        caller: str = "client",
+        **extra: Any,
     ) -> httpx.Response:
         body = {"id": account_id, "currency": currency, "kind": kind, **extra}
-        response = await self.post("/v1/accounts", body)
+        response = await self.post("/v1/accounts", body, caller=caller)
         assert response.status_code == 201, response.text
         return response
 
-    async def pay(self, payer: str, payee: str, amount_minor: int, **extra: Any) -> httpx.Response:
+    async def pay(
+        self, payer: str, payee: str, amount_minor: int, *, caller: str = "client", **extra: Any
+    ) -> httpx.Response:
         body = {
             "payer_account_id": payer,
             "payee_account_id": payee,
@@ -81,4 +93,4 @@ class Api:
             "currency": extra.pop("currency", "EUR"),
             **extra,
         }
-        return await self.post("/v1/payments", body, params={"wait": "settled"})
+        return await self.post("/v1/payments", body, caller=caller, params={"wait": "settled"})

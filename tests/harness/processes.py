@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -33,39 +34,64 @@ def service_env(settings: Settings, **extra: str) -> dict[str, str]:
     return env
 
 
+def start_api(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """`paysaga api`, on the address `env` gives it, once it answers /readyz with 200."""
+    api = subprocess.Popen([sys.executable, "-m", "paysaga", "api"], env=env)
+    url = f"http://127.0.0.1:{env['PAYSAGA_API_PORT']}"
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while True:
+        if api.poll() is not None:
+            raise AssertionError(f"paysaga api exited with {api.returncode}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return api
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            stop(api)
+            raise AssertionError("paysaga api was not ready in time")
+        time.sleep(0.2)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 @dataclass
 class Services:
     url: str
     api: subprocess.Popen[bytes]
     worker: subprocess.Popen[bytes]
+    env: dict[str, str] = field(default_factory=dict)
+
+    def kill_api(self) -> None:
+        """SIGKILL: no shutdown, no cleanup, whatever the API was doing."""
+        self.api.send_signal(signal.SIGKILL)
+        self.api.wait()
+
+    def restart_api(self) -> None:
+        """A new `paysaga api` on the same address, once it is ready."""
+        self.api = start_api(self.env)
 
 
 @contextmanager
-def api_and_worker(settings: Settings) -> Iterator[Services]:
+def api_and_worker(settings: Settings, **extra_env: str) -> Iterator[Services]:
     port = free_port()
-    env = service_env(settings, PAYSAGA_API_PORT=str(port))
+    env = service_env(settings, PAYSAGA_API_PORT=str(port), **extra_env)
     worker = subprocess.Popen([sys.executable, "-m", "paysaga", "worker"], env=env)
-    api = subprocess.Popen([sys.executable, "-m", "paysaga", "api"], env=env)
-    url = f"http://127.0.0.1:{port}"
+    services: Services | None = None
     try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            if api.poll() is not None:
-                raise AssertionError(f"paysaga api exited with {api.returncode}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError("paysaga api was not ready in time")
-            time.sleep(0.2)
-        yield Services(url, api, worker)
+        services = Services(f"http://127.0.0.1:{port}", start_api(env), worker, env)
+        yield services
     finally:
-        for process in (api, worker):
-            process.terminate()
-        for process in (api, worker):
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        for process in (services.api if services else None, worker):
+            if process is not None and process.poll() is None:
+                process.terminate()
+        for process in (services.api if services else None, worker):
+            if process is not None:
+                stop(process)
