@@ -14,18 +14,32 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
-from temporalio.client import Client
+from temporalio.client import (
+    Client,
+    Schedule,
+    ScheduleActionStartWorkflow,
+    ScheduleAlreadyRunningError,
+    ScheduleIntervalSpec,
+    ScheduleOverlapPolicy,
+    SchedulePolicy,
+    ScheduleSpec,
+    ScheduleUpdate,
+    ScheduleUpdateInput,
+)
 from temporalio.worker import PollerBehaviorAutoscaling, Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.ledger import LedgerActivities
 from activities.processor import Authorizer, ProcessorActivities, SimulatedProcessor
+from activities.sweeper import SweeperActivities
 from ledger.store import EventStore
 from paysaga.db import database_urls, open_store
 from paysaga.settings import Settings
 from paysaga.temporal import connect
 from workflows.diagnostics import PingWorkflow
+from workflows.models import SweepRequest
 from workflows.payment import PaymentWorkflow
+from workflows.sweeper import SweeperWorkflow
 
 log = logging.getLogger("paysaga.worker")
 
@@ -33,7 +47,9 @@ log = logging.getLogger("paysaga.worker")
 # this each run re-imports them (about 11x slower). They are deterministic to use.
 SANDBOX_PASSTHROUGH_MODULES = ("pydantic", "pydantic_core", "sqlalchemy", "ledger", "workflows")
 
-WORKFLOWS: Sequence[type] = (PaymentWorkflow, PingWorkflow)
+WORKFLOWS: Sequence[type] = (PaymentWorkflow, SweeperWorkflow, PingWorkflow)
+SCHEDULE_RPC_TIMEOUT = timedelta(seconds=10)
+SWEEP_EXECUTION_TIMEOUT = timedelta(minutes=15)
 
 
 def sandbox_runner() -> SandboxedWorkflowRunner:
@@ -84,12 +100,54 @@ def build_worker(
     )
 
 
-def payment_activities(store: EventStore, authorizer: Authorizer | None = None) -> list[Any]:
-    """Every activity the saga calls: the ledger's, and the processor's (the simulator
-    unless another `Authorizer` is given)."""
+def payment_activities(
+    store: EventStore, client: Client, authorizer: Authorizer | None = None
+) -> list[Any]:
+    """Every activity the saga and the sweeper call: the ledger's, the processor's (the
+    simulator unless another `Authorizer` is given) and the sweeper's."""
     ledger = LedgerActivities(store)
-    processor = ProcessorActivities(authorizer or SimulatedProcessor(store.engine), ledger)
-    return [*ledger.all(), *processor.all()]
+    authorizer = authorizer or SimulatedProcessor(store.engine)
+    processor = ProcessorActivities(authorizer, ledger)
+    sweeper = SweeperActivities(ledger, authorizer, client)
+    return [*ledger.all(), *processor.all(), *sweeper.all()]
+
+
+def sweeper_schedule_id(task_queue: str) -> str:
+    return f"{task_queue}-sweeper"
+
+
+async def ensure_sweeper_schedule(client: Client, settings: Settings) -> bool:
+    """The sweeper's schedule on the task queue: created if missing, else brought to the
+    configured interval. Returns True if it was created. Any number of workers may call
+    this at once."""
+    queue = settings.task_queue
+    schedule = Schedule(
+        action=ScheduleActionStartWorkflow(
+            SweeperWorkflow.run,
+            SweepRequest(idle_s=settings.sweep_idle_s),
+            id=f"{queue}-sweep",
+            task_queue=queue,
+            execution_timeout=SWEEP_EXECUTION_TIMEOUT,
+        ),
+        spec=ScheduleSpec(
+            intervals=[ScheduleIntervalSpec(every=timedelta(seconds=settings.sweep_interval_s))]
+        ),
+        # A sweep still running when the next is due: the next one is skipped.
+        policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
+    )
+    schedule_id = sweeper_schedule_id(queue)
+    try:
+        await client.create_schedule(schedule_id, schedule, rpc_timeout=SCHEDULE_RPC_TIMEOUT)
+        return True
+    except ScheduleAlreadyRunningError:
+
+        def keep_configured(_: ScheduleUpdateInput) -> ScheduleUpdate:
+            return ScheduleUpdate(schedule=schedule)
+
+        await client.get_schedule_handle(schedule_id).update(
+            keep_configured, rpc_timeout=SCHEDULE_RPC_TIMEOUT
+        )
+        return False
 
 
 async def run_worker(settings: Settings) -> None:
@@ -99,7 +157,12 @@ async def run_worker(settings: Settings) -> None:
     store = await open_store(
         database_urls(settings), pool_size=min(settings.worker_local_activities_max, 32)
     )
-    worker = build_worker(client, settings, activities=payment_activities(store))
+    worker = build_worker(client, settings, activities=payment_activities(store, client))
+    created = await ensure_sweeper_schedule(client, settings)
+    log.info(
+        "sweeper schedule " + ("created" if created else "in place"),
+        extra={"schedule_id": sweeper_schedule_id(settings.task_queue)},
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

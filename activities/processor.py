@@ -6,6 +6,16 @@ noticed by the heartbeat timeout and the call retried elsewhere). They are
 idempotent by payment id, as real processors are by idempotency key: authorizing the
 same payment twice returns the first authorization, and voiding twice voids once.
 
+Two rules keep the processor in step with the ledger, whoever calls and however often:
+
+- **A void asks the ledger first.** It is refused unless the ledger has recorded that
+  the payment can no longer settle (the hold released and the authorization voided in
+  the ledger, or nothing reserved yet); a settled payment's authorization is never
+  voided.
+- **A void fences.** Voiding a payment that has no authorization yet records that
+  fact, and any later authorization for it is declined: a stale call that reaches
+  the processor after the saga gave up cannot leave an authorization behind.
+
 The simulator keeps its state in PostgreSQL (`processor_authorizations`, and every
 call in `processor_calls`), so that tests can prove, for instance, that each
 authorization was voided exactly once. A payment's `metadata.simulate` steers it:
@@ -27,8 +37,10 @@ from typing import Protocol
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio import activity
+from temporalio.exceptions import ApplicationError
 
-from activities.ledger import LedgerActivities
+from activities.ledger import VOIDABLE_STATES, LedgerActivities
+from ledger.events import payment_stream
 from workflows.models import (
     AuthorizationRequest,
     AuthorizationResult,
@@ -57,7 +69,8 @@ class Authorizer(Protocol):
         ...
 
     async def void(self, request: VoidRequest, attempt: int) -> VoidResult:
-        """Void the payment's authorization, if there is one (idempotent)."""
+        """Void the payment's authorization, or, if there is none, refuse any later one
+        (idempotent)."""
         ...
 
 
@@ -125,9 +138,11 @@ class SimulatedProcessor:
         if row is None:
             # Another attempt for the same payment is authorizing at this very moment.
             raise ProcessorUnavailable("a concurrent authorization is in progress; retrying")
-        if row.status == "voided":
+        if row.status in ("voided", "fenced"):
             return AuthorizationResult(
-                approved=False, decline_reason="the authorization was voided", processor=self.name
+                approved=False,
+                decline_reason="the payment was voided; it cannot be authorized again",
+                processor=self.name,
             )
         return AuthorizationResult(
             approved=True, authorization_id=row.authorization_id, processor=self.name
@@ -162,6 +177,9 @@ _AUTHORIZE = text(
     SELECT authorization_id, status FROM existing
     """
 )
+# A void with nothing to void leaves a fence: a row that declines any later
+# authorization of the payment. One statement, so a racing authorization either comes
+# first (and is voided) or finds the fence.
 _VOID = text(
     """
     WITH voided AS (
@@ -169,14 +187,21 @@ _VOID = text(
            SET status = 'voided', voided_at = clock_timestamp()
          WHERE payment_id = :p AND status = 'authorized'
         RETURNING authorization_id
+    ), fenced AS (
+        INSERT INTO processor_authorizations
+               (payment_id, authorization_id, amount_minor, currency, status, voided_at)
+        VALUES (:p, NULL, NULL, NULL, 'fenced', clock_timestamp())
+        ON CONFLICT (payment_id) DO NOTHING
+        RETURNING payment_id
     ), existing AS (
-        SELECT authorization_id FROM processor_authorizations WHERE payment_id = :p
+        SELECT authorization_id, status FROM processor_authorizations WHERE payment_id = :p
     ), logged AS (
         INSERT INTO processor_calls (payment_id, operation, outcome, attempt)
         SELECT :p, 'void',
                CASE WHEN EXISTS (SELECT 1 FROM voided) THEN 'voided'
-                    WHEN EXISTS (SELECT 1 FROM existing) THEN 'already_voided'
-                    ELSE 'nothing_to_void' END,
+                    WHEN EXISTS (SELECT 1 FROM fenced) THEN 'fenced'
+                    WHEN (SELECT status FROM existing) = 'fenced' THEN 'already_fenced'
+                    ELSE 'already_voided' END,
                :attempt
     )
     SELECT EXISTS (SELECT 1 FROM voided) AS voided,
@@ -217,7 +242,7 @@ class ProcessorActivities:
         """
         result = await self.authorizer.authorize(request, activity.info().attempt)
         if result.approved:
-            await self.ledger.record(
+            recorded = await self.ledger.record(
                 RecordEvent(
                     payment_id=request.payment_id,
                     step="authorize",
@@ -231,10 +256,23 @@ class ProcessorActivities:
                     causation_id=request.causation_id,
                 )
             )
+            return result.model_copy(update={"recorded": recorded})
         return result
 
     @activity.defn(name="processor.void")
     async def void(self, request: VoidRequest) -> VoidResult:
+        """Void at the processor, once the ledger says the payment can no longer settle."""
+        head = await self.ledger.store.stream_head(payment_stream(request.payment_id))
+        state = head.state if head is not None else "new"
+        if state not in VOIDABLE_STATES:
+            # Settled: its authorization is the money's; anything else could still
+            # settle until the ledger records the release and the void.
+            raise ApplicationError(
+                f"the ledger has payment {request.payment_id} {state}: it is not voided "
+                "at the processor until the ledger says it can no longer settle",
+                type="void_refused",
+                non_retryable=True,
+            )
         return await self.authorizer.void(request, activity.info().attempt)
 
     def all(self) -> list[object]:

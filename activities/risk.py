@@ -5,6 +5,10 @@
   sliding `risk_velocity_window_s`. Funding accounts (kind `external`) are exempt:
   bulk funding is ordinary traffic for them.
 
+The window ends at the payment's own PaymentInitiated, and counts only payments
+recorded before it: a verdict is a function of facts already recorded, so a step re-run
+hours later (an operator's reset) reaches the same one.
+
 A declined payment names the rule that declined it.
 """
 
@@ -26,7 +30,8 @@ async def assess(store: EventStore, risk: RiskInput) -> RiskDecision:
     payer = await store.payer_activity(
         risk.payer_account_id,
         window_s=policy.risk_velocity_window_s,
-        excluding_stream=f"payment-{risk.payment_id}",
+        before_seq=risk.initiated_seq,
+        until=risk.initiated_at,
     )
     recent = payer.recent_payments
     if payer.kind == "external":

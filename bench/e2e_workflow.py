@@ -71,7 +71,7 @@ async def run_saga(
 ) -> Run:
     queue = f"payments-{uuid.uuid4()}"
     async with build_worker(
-        client, settings, task_queue=queue, activities=payment_activities(store)
+        client, settings, task_queue=queue, activities=payment_activities(store, client)
     ):
         # Fund each lane's payer (not timed), then pay the shop from it.
         for i in range(c):

@@ -60,7 +60,7 @@ async def main() -> None:
             assert (await handle.result()).status == "SETTLED"
 
         per_round = max(1, args.payments // ROUNDS)
-        activities = payment_activities(servers.store)
+        activities = payment_activities(servers.store, servers.client)
         async with build_worker(
             client, Settings(_env_file=None), task_queue=queue, activities=activities
         ):

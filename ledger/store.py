@@ -229,6 +229,16 @@ class PaymentSummary:
 
 
 @dataclass(frozen=True)
+class OpenPayment:
+    """A payment whose stream has no terminal event yet."""
+
+    payment_id: str
+    state: str
+    last_event_at: datetime
+    hold_expires_at: datetime | None
+
+
+@dataclass(frozen=True)
 class PayerActivity:
     kind: str | None  # None: no such account
     recent_payments: int
@@ -524,18 +534,37 @@ class EventStore:
             for row in rows
         ]
 
+    async def open_payments(self, *, idle_s: float, limit: int) -> list[OpenPayment]:
+        """Payment streams with no terminal event, idle for `idle_s` or more, oldest first."""
+        rows = await self._fetch(_OPEN_PAYMENTS, {"idle_s": idle_s, "limit": limit})
+        return [
+            OpenPayment(
+                payment_id=row.stream_id.removeprefix("payment-"),
+                state=row.state,
+                last_event_at=row.last_event_at,
+                hold_expires_at=row.hold_expires_at,
+            )
+            for row in rows
+        ]
+
     async def count_streams_by_state(self, kind: str, states: Sequence[str]) -> dict[str, int]:
         """How many streams of one kind (`payment`, `account`) are in each of `states`."""
         rows = await self._fetch(_COUNT_BY_STATE, {"prefix": f"{kind}-%", "states": sorted(states)})
         return {row.state: int(row.n) for row in rows}
 
     async def payer_activity(
-        self, payer_account_id: str, *, window_s: int, excluding_stream: str
+        self, payer_account_id: str, *, window_s: int, before_seq: int, until: datetime
     ) -> PayerActivity:
-        """The payer's account kind and how many payments it started in the last window."""
+        """The payer's account kind, and how many payments it started in the `window_s`
+        up to `until`, recorded before `before_seq`."""
         rows = await self._fetch(
             _PAYER_ACTIVITY,
-            {"payer": payer_account_id, "window_s": window_s, "stream_id": excluding_stream},
+            {
+                "payer": payer_account_id,
+                "window_s": window_s,
+                "before_seq": before_seq,
+                "until": until,
+            },
         )
         return PayerActivity(kind=rows[0].kind, recent_payments=int(rows[0].recent))
 
@@ -578,6 +607,20 @@ _LIST_PAYMENTS = text(
      LIMIT :limit
     """
 )
+_OPEN_PAYMENTS = text(
+    """
+    SELECT s.stream_id, s.state, last.recorded_at AS last_event_at,
+           CAST(hold.payload->>'expires_at' AS timestamptz) AS hold_expires_at
+      FROM streams s
+      JOIN events last ON last.global_seq = s.last_seq
+      LEFT JOIN events hold ON hold.stream_id = s.stream_id AND hold.event_type = 'FundsReserved'
+     WHERE s.stream_id LIKE 'payment-%'
+       AND s.state NOT IN ('settled', 'declined', 'rejected', 'failed', 'cancelled')
+       AND last.recorded_at < clock_timestamp() - make_interval(secs => :idle_s)
+     ORDER BY last.recorded_at
+     LIMIT :limit
+    """
+)
 _COUNT_BY_STATE = text(
     "SELECT state, count(*) AS n FROM streams "
     "WHERE stream_id LIKE :prefix AND state = ANY (:states) GROUP BY state"
@@ -589,8 +632,8 @@ _PAYER_ACTIVITY = text(
            (SELECT count(*) FROM events e
              WHERE e.event_type = 'PaymentInitiated'
                AND e.payload->>'payer_account_id' = :payer
-               AND e.recorded_at > clock_timestamp() - make_interval(secs => :window_s)
-               AND e.stream_id <> :stream_id) AS recent
+               AND e.recorded_at > CAST(:until AS timestamptz) - make_interval(secs => :window_s)
+               AND e.global_seq < :before_seq) AS recent
       FROM (SELECT :payer AS account_id) AS p
       LEFT JOIN accounts a ON a.account_id = p.account_id
     """

@@ -202,6 +202,21 @@ class Settings(BaseSettings):
         "served by the API at /metrics.",
     )
 
+    sweep_interval_s: int = Field(
+        default=60,
+        ge=5,
+        le=86_400,
+        description="PAYSAGA_SWEEP_INTERVAL_S: how often the sweeper looks for open payments "
+        "whose workflow is gone (terminated, timed out, unknown) and repairs them.",
+    )
+    sweep_idle_s: float = Field(
+        default=30.0,
+        ge=0,
+        le=86_400,
+        description="PAYSAGA_SWEEP_IDLE_S: a payment whose last ledger event is younger than "
+        "this is left alone by the sweeper (it is in the middle of a step).",
+    )
+
     # --- Ledger -----------------------------------------------------------------------
     seal_interval_s: float = Field(
         default=2.0,

@@ -124,7 +124,7 @@ async def payments(
     temporal_client: Client, store: EventStore, settings: Settings, task_queue: str
 ) -> AsyncIterator[Payments]:
     """A worker with the real activities on the test's queue, and a way to start payments."""
-    activities = payment_activities(store)
+    activities = payment_activities(store, temporal_client)
     async with build_worker(
         temporal_client, settings, task_queue=task_queue, activities=activities
     ):

@@ -54,6 +54,27 @@ class PaymentPolicy(_Model):
     # Ledger steps as local activities (the default: measured faster, see
     # activities/ledger.py) or as regular ones (for comparison, bench/e2e_workflow.py).
     ledger_activities: Literal["local", "regular"] = "local"
+    # How many times a ledger step is tried before the saga gives up and compensates.
+    ledger_attempts_max: Annotated[int, Field(ge=1, le=100)] = 8
+    # A compensation or a settlement that keeps failing goes on in rounds; once the
+    # history is this long, it continues as a new run, so an outage of any length
+    # keeps the history bounded.
+    history_events_max: Annotated[int, Field(ge=50, le=40_000)] = 2_000
+
+
+class Resume(_Model):
+    """Where a payment that continued as new picks up: settling, or closing."""
+
+    phase: Literal["settling", "closing"]
+    # settling: when the hold expires; closing: the outcome being recorded.
+    hold_expires_at: datetime | None = None
+    status: PaymentStatus | None = None
+    step: str = "settle"
+    reason: str = ""
+    authorization_id: str | None = None
+    cancel: CancelRequest | None = None
+    decision_actor: str | None = None
+    rounds: int = 0
 
 
 class PaymentRequest(_Model):
@@ -70,6 +91,8 @@ class PaymentRequest(_Model):
     # The request that caused the payment (an API request id), for the audit trail.
     causation_id: Annotated[str, Field(max_length=200)] | None = None
     policy: PaymentPolicy = Field(default_factory=PaymentPolicy)
+    # Set only when the payment continued as new (see Resume).
+    resume: Resume | None = None
 
     @property
     def workflow_id(self) -> str:
@@ -146,9 +169,22 @@ class RecordEvent(_Model):
     causation_id: str | None = None
 
 
+class FindEvent(_Model):
+    """Which recorded event of a payment's stream to look up."""
+
+    payment_id: PaymentId
+    event_type: str
+
+
 class Recorded(_Model):
+    """An event in the ledger: the one just appended, or the one a retry found there."""
+
     global_seq: int
     appended: bool
+    recorded_at: datetime
+    # The stream's state now. A step re-run after a reset learns here that the ledger
+    # went further (or ended) while the run that appended it was alive.
+    state: str
 
 
 class RiskInput(_Model):
@@ -156,6 +192,9 @@ class RiskInput(_Model):
     payer_account_id: AccountId
     amount_minor: AmountMinor
     policy: PaymentPolicy
+    # The payment's PaymentInitiated: the rules judge the ledger as it stood then.
+    initiated_seq: int
+    initiated_at: datetime
 
 
 class RiskDecision(_Model):
@@ -165,7 +204,7 @@ class RiskDecision(_Model):
 
 
 class InitiateResult(_Model):
-    global_seq: int
+    recorded: Recorded
     # Why the payment cannot proceed (unknown account, currency mismatch), if it cannot.
     invalid_reason: str | None = None
     # The risk rules' verdict, for a payment that can proceed.
@@ -188,6 +227,8 @@ class AuthorizationResult(_Model):
     authorization_id: str | None = None
     decline_reason: str | None = None
     processor: str
+    # The PaymentAuthorized event, when the processor authorized.
+    recorded: Recorded | None = None
 
 
 class VoidRequest(_Model):
@@ -200,18 +241,57 @@ class VoidResult(_Model):
     authorization_id: str | None = None
 
 
-class LedgerStatus(_Model):
-    """A payment's state as the ledger records it."""
+class Close(_Model):
+    """Compensate from the ledger's facts, then close the stream with this outcome.
 
-    payment_id: str
-    state: str
-    status: PaymentStatus
-
-
-class Compensate(_Model):
-    """Undo one step if, and only if, the ledger shows it happened."""
+    What to undo is read from the ledger, never from the caller's memory: a hold still
+    held is released, an authorization still recorded is voided (the ledger first, so
+    that the payment can no longer settle), and only then, once `processor_voided`,
+    the terminal event is appended. `initiate` lets a payment whose PaymentInitiated
+    never landed be recorded, so that it can be closed.
+    """
 
     payment_id: PaymentId
+    status: Literal["DECLINED", "REJECTED", "FAILED", "CANCELLED"]
+    step: Annotated[str, Field(min_length=1, max_length=50)]
     reason: Reason
     actor: Actor
     causation_id: str | None = None
+    # A decline names who declined; nothing was authorized, so nothing is voided.
+    declined_by: Literal["processor", "risk"] | None = None
+    rule: Annotated[str, Field(max_length=100)] | None = None
+    processor_voided: bool = False
+    initiate: PaymentRequest | None = None
+
+
+class Closed(_Model):
+    """How far a Close got: the stream is closed, or the processor must void first."""
+
+    closed: bool
+    state: str
+    status: PaymentStatus
+    # The reason on the terminal event, which an earlier closer may have written.
+    reason: str | None = None
+    needs_processor_void: bool = False
+
+
+# --- The sweeper ------------------------------------------------------------------------
+class SweepRequest(_Model):
+    """Which open payments one sweep looks at."""
+
+    # A payment whose last event is younger than this is in the middle of a step.
+    idle_s: Annotated[float, Field(ge=0, le=86_400)] = 30.0
+    payments_max: Annotated[int, Field(ge=1, le=10_000)] = 500
+
+
+class Repair(_Model):
+    payment_id: str
+    cause: str
+    status: PaymentStatus
+
+
+class SweepReport(_Model):
+    """What one sweep found: open payments checked, and those it closed."""
+
+    checked: int
+    repaired: list[Repair]

@@ -2,30 +2,41 @@
 
     initiate → authorize (risk rules, then the processor) → [approve] → reserve → settle
 
-Every step appends its event to the ledger. If a step fails after an earlier one
-succeeded, or a `cancel` Update lands before settlement, the saga compensates in
-reverse, release the hold, then void the authorization, and closes the stream with
-PaymentFailed, PaymentCancelled or PaymentRejected, naming the reason and the step.
+Every step appends its event to the ledger. If a step fails after its retries, or a
+`cancel` Update lands before settlement, the saga closes the payment: it compensates
+in reverse, then appends PaymentDeclined, PaymentFailed, PaymentCancelled or
+PaymentRejected, naming the reason and the step.
 
-Compensation rules, each enforced here:
+The saga survives anything an operator or a crash does to it:
 
-- a compensation is registered *before* its step runs, so a step that half-happened
-  (its result lost to a crash or a timeout) is still undone;
-- a compensation is idempotent: it asks the ledger (release-if-reserved,
-  void-if-authorized), not the workflow's memory, what to undo;
-- it is retried until it succeeds (no attempt limit);
-- it runs even when the workflow itself is cancelled (shielded from cancellation).
+- **Payloads come from recorded facts.** An event's payload is a function of the
+  payment and of events already in the ledger (a hold expires `hold_expiry_s` after
+  the authorization, or the approval, was recorded), never of the clock of the run
+  that makes it. A step re-run by a retry, a new worker or an operator's reset
+  appends nothing new.
+- **The ledger has the last word.** Every step returns the stream's state. When a
+  re-run finds the ledger ahead of it (a reset of a payment that already settled, or
+  failed), it follows the ledger: an ended payment stays as it ended, with no call to
+  the processor.
+- **One way to close.** Every failure, at every step, goes through `_close`, which
+  compensates from the ledger's facts (`ledger.close`): a hold still held is released,
+  an authorization still recorded is voided in the ledger (so the payment can no
+  longer settle) and only then at the processor (which refuses otherwise), then the
+  terminal event. Nothing stops it: it is shielded from cancellation, and an outage
+  of any length is waited out in rounds, continuing as a new run whenever the history
+  grows long.
 
-No path leaves a hold in place, or a stream without a terminal event.
+A terminated workflow is the sweeper's to repair (workflows/sweeper.py), with the same
+`ledger.close`. No path leaves a hold in place, or a stream without a terminal event.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -34,15 +45,17 @@ from temporalio.exceptions import ActivityError, ApplicationError
 with workflow.unsafe.imports_passed_through():
     from ledger.events import event_id_for
     from ledger.money import format_amount
+    from ledger.state_machine import TERMINAL_STATES
     from workflows.models import (
         TERMINAL_STATUSES,
         ApproveRequest,
         AuthorizationRequest,
         AuthorizationResult,
         CancelRequest,
-        Compensate,
+        Close,
+        Closed,
+        FindEvent,
         InitiateResult,
-        LedgerStatus,
         PaymentOutcome,
         PaymentRequest,
         PaymentState,
@@ -50,6 +63,7 @@ with workflow.unsafe.imports_passed_through():
         Recorded,
         RecordEvent,
         RejectRequest,
+        Resume,
         UpdateAccepted,
         VoidRequest,
         VoidResult,
@@ -57,36 +71,45 @@ with workflow.unsafe.imports_passed_through():
     from workflows.search_attributes import PAYMENT_STATUS
 
 # Ledger steps: local activities, quick, retried a bounded number of times going
-# forward (then the saga compensates), and without limit when compensating.
+# forward (`ledger_attempts_max`); then the saga closes the payment.
 LEDGER_TIMEOUT = timedelta(seconds=10)
-LEDGER_RETRY = RetryPolicy(
-    initial_interval=timedelta(milliseconds=200),
-    backoff_coefficient=2.0,
-    maximum_interval=timedelta(seconds=5),
-    maximum_attempts=8,
-)
-COMPENSATION_RETRY = RetryPolicy(
-    initial_interval=timedelta(milliseconds=200),
-    backoff_coefficient=2.0,
-    maximum_interval=timedelta(seconds=30),
-    maximum_attempts=0,  # until it succeeds
-)
+LEDGER_BACKOFF = timedelta(milliseconds=200)
+LEDGER_BACKOFF_MAX = timedelta(seconds=5)
+# Settlement is tried quickly first, so the common case puts no timer in the history.
 SETTLE_FIRST_RETRY = RetryPolicy(
     initial_interval=timedelta(milliseconds=200),
     backoff_coefficient=2.0,
     maximum_interval=timedelta(seconds=1),
     maximum_attempts=3,
 )
-SETTLE_RETRY = COMPENSATION_RETRY
-# Retries that may go on for long (an outage) wait on durable workflow timers past this
-# backoff, instead of holding the workflow task open in the worker.
+# What must not give up (closing, and settling until the hold expires) goes in rounds:
+# a bounded retry, then a durable pause, then another round; the history grows by a
+# few events a round, and continues as new past `history_events_max`.
+ROUND_RETRY = RetryPolicy(
+    initial_interval=timedelta(milliseconds=200),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=10),
+    maximum_attempts=5,
+)
+ROUND_PAUSE = timedelta(seconds=30)
 LONG_RETRY_LOCAL_THRESHOLD = timedelta(seconds=1)
+# The processor's void: a regular activity retried without limit on the server, which
+# adds nothing to the history until it ends.
 PROCESSOR_VOID_TIMEOUT = timedelta(seconds=30)
+PROCESSOR_VOID_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=60),
+    maximum_attempts=0,
+    non_retryable_error_types=["void_refused"],
+)
 # How a failed step surfaces in the workflow: a regular activity's failure arrives as an
 # ActivityError wrapping the cause, a local activity's as the cause itself.
 STEP_FAILED = (ActivityError, ApplicationError)
 # Declines are answers, not failures; these error types are never worth a retry.
 NON_RETRYABLE_PROCESSOR_ERRORS = ["processor_declined", "invalid_request"]
+# Where a stream stands while a compensation is under way.
+COMPENSATING_STATES = frozenset({"released", "voided", "voided_unapproved"})
 
 
 def summary(request: PaymentRequest) -> str:
@@ -98,11 +121,21 @@ def summary(request: PaymentRequest) -> str:
 class _Stop(Exception):
     """The saga stops going forward: compensate, then close with this outcome."""
 
-    def __init__(self, status: PaymentStatus, step: str, reason: str) -> None:
+    def __init__(
+        self,
+        status: PaymentStatus,
+        step: str,
+        reason: str,
+        *,
+        declined_by: str | None = None,
+        rule: str | None = None,
+    ) -> None:
         super().__init__(reason)
         self.status = status
         self.step = step
         self.reason = reason
+        self.declined_by = declined_by
+        self.rule = rule
 
 
 @workflow.defn(name="PaymentWorkflow")
@@ -124,10 +157,14 @@ class PaymentWorkflow:
             updated_at=now,
         )
         self._actor = f"workflow:{request.workflow_id}"
-        self._cancel: CancelRequest | None = None
+        resume = request.resume
+        self._cancel: CancelRequest | None = resume.cancel if resume else None
         self._decision: ApproveRequest | RejectRequest | None = None
-        self._settling = False
+        self._decision_actor: str | None = resume.decision_actor if resume else None
+        self._settling = resume is not None and resume.phase == "settling"
+        self._closing = resume is not None and resume.phase == "closing"
         self._last_step: str | None = None
+        self._rounds = resume.rounds if resume else 0
 
     # --- messages -------------------------------------------------------------------------
     @workflow.query
@@ -156,6 +193,8 @@ class PaymentWorkflow:
             raise ValueError(f"the payment already ended ({self._state.status})")
         if self._cancel is not None:
             raise ValueError("a cancellation is already under way")
+        if self._closing:
+            raise ValueError("the payment is already being closed")
 
     @workflow.update
     async def approve(self, request: ApproveRequest) -> UpdateAccepted:
@@ -191,47 +230,132 @@ class PaymentWorkflow:
     # --- the saga -------------------------------------------------------------------------
     @workflow.run
     async def run(self, request: PaymentRequest) -> PaymentOutcome:
-        compensations: list[Callable[[str], Awaitable[None]]] = []
         try:
-            return await self._go(compensations)
+            return await self._go()
         except _Stop as stop:
-            return await self._close(compensations, stop)
+            return await self._close(stop)
         except asyncio.CancelledError:
             # The workflow itself was cancelled (from the UI or the API): undo, record,
             # and end as cancelled.
-            await self._close(
-                compensations,
-                _Stop("CANCELLED", self._state.step, "the workflow was cancelled"),
-            )
+            await self._close(_Stop("CANCELLED", self._state.step, "the workflow was cancelled"))
             raise
 
-    async def _go(self, compensations: list[Callable[[str], Awaitable[None]]]) -> PaymentOutcome:
-        request = self._request
-        policy = request.policy
+    async def _go(self) -> PaymentOutcome:
+        request, policy = self._request, self._request.policy
+        resume = request.resume
+        if resume is not None:
+            self._set(authorization_id=resume.authorization_id)
+            if resume.phase == "closing":
+                assert resume.status is not None
+                raise _Stop(resume.status, resume.step, resume.reason)
+            assert resume.hold_expires_at is not None
+            self._set(status="RESERVED", step="settle", hold_expires_at=resume.hold_expires_at)
+            await self._settle_in_rounds(resume.hold_expires_at)
+            return self._settled()
 
-        # 1. Initiate.
+        # 1. Initiate (the risk rules are judged in the same step).
         self._details("Recording the payment in the ledger")
-        initiated: InitiateResult = await self._ledger(
-            "ledger.initiate",
-            request,
-            result_type=InitiateResult,
-            start_to_close_timeout=LEDGER_TIMEOUT,
-            retry_policy=LEDGER_RETRY,
-        )
+        try:
+            initiated: InitiateResult = await self._ledger(
+                "ledger.initiate", request, result_type=InitiateResult
+            )
+        except STEP_FAILED as error:
+            raise _Stop(
+                "FAILED", "initiate", f"the ledger did not record it: {_cause(error)}"
+            ) from None
         self._last_step = "initiate"
+        self._follow(initiated.recorded, "initiate")
         if initiated.invalid_reason is not None:
             raise _Stop("FAILED", "initiate", initiated.invalid_reason)
         self._check_cancel()
 
-        # 2. Authorize: the risk rules (evaluated by the initiate step), then the processor.
+        # 2. Authorize: the risk rules' verdict, then the processor.
         self._set(step="authorize")
         risk = initiated.risk
         if risk is not None and not risk.approved:
-            return await self._decline("risk", risk.reason or "declined by risk rules", risk.rule)
+            raise _Stop(
+                "DECLINED",
+                "authorize",
+                risk.reason or "declined by risk rules",
+                declined_by="risk",
+                rule=risk.rule,
+            )
+        authorization = await self._authorize()
+        authorized = authorization.recorded
+        assert authorized is not None
+        self._last_step = "authorize"
+        self._follow(authorized, "authorize")
+        self._set(status="AUTHORIZED", authorization_id=authorization.authorization_id)
         self._check_cancel()
-        # Registered before the processor is called: an authorization whose answer we
-        # never saw (a timeout, a cancel mid-call) must still be voided.
-        compensations.append(self._void_authorization)
+
+        # 3. Approve, at or above the threshold. The hold counts from the last fact
+        #    before it: the authorization, or the approval.
+        hold_from = authorized.recorded_at
+        if request.amount_minor >= policy.approval_threshold_minor:
+            hold_from = await self._await_approval(authorized.recorded_at)
+
+        # 4. Reserve.
+        self._set(step="reserve")
+        self._details("Reserving the funds")
+        hold_expires_at = hold_from + timedelta(seconds=policy.hold_expiry_s)
+        try:
+            reserved = await self._record(
+                "reserve",
+                "FundsReserved",
+                {
+                    "payment_id": request.payment_id,
+                    "payer_account_id": request.payer_account_id,
+                    "payee_account_id": request.payee_account_id,
+                    "amount_minor": request.amount_minor,
+                    "currency": request.currency,
+                    "expires_at": hold_expires_at.isoformat(),
+                },
+            )
+        except STEP_FAILED as error:
+            raise _Stop("FAILED", "reserve", _cause(error)) from None
+        self._follow(reserved, "reserve")
+        self._set(status="RESERVED", hold_expires_at=hold_expires_at)
+        self._check_cancel()
+
+        # 5. Settle, unless the hold expires first.
+        self._set(step="settle")
+        self._details(f"Settling; the hold expires at {hold_expires_at.isoformat()}")
+        self._settling = True
+        try:
+            # The common case: settlement lands at once, and no timer enters the history.
+            settled = await self._record(
+                "settle", "PaymentSettled", self._settlement(), retry=SETTLE_FIRST_RETRY
+            )
+            self._follow(settled, "settle")
+        except STEP_FAILED as error:
+            if _non_retryable(error):
+                self._settling = False
+                raise _Stop("FAILED", "settle", _cause(error)) from None
+            await self._settle_in_rounds(hold_expires_at)
+        return self._settled()
+
+    def _settled(self) -> PaymentOutcome:
+        self._set(status="SETTLED", waiting_for=None)
+        self._details("Settled")
+        return PaymentOutcome(payment_id=self._request.payment_id, status="SETTLED", step="settle")
+
+    def _follow(self, recorded: Recorded, step: str) -> None:
+        """Go on only if the ledger is where this step left it.
+
+        A re-run (a reset, a new worker) can find the stream further on: ended, or with
+        a compensation under way. Then the ledger's outcome stands, and the close
+        finishes what another run began, without going forward again.
+        """
+        if recorded.state in TERMINAL_STATES or recorded.state in COMPENSATING_STATES:
+            self._settling = False
+            raise _Stop(
+                "FAILED",
+                step,
+                "a compensation was under way in the ledger when this run reached it",
+            )
+
+    async def _authorize(self) -> AuthorizationResult:
+        request, policy = self._request, self._request.policy
         self._details("Waiting for the processor to authorize the payment")
         try:
             authorization: AuthorizationResult = await self._interruptible(
@@ -263,79 +387,42 @@ class PaymentWorkflow:
                 "FAILED", "authorize", f"the processor did not answer: {_cause(error)}"
             ) from None
         if not authorization.approved:
-            compensations.pop()  # a decline leaves nothing to void
-            reason = authorization.decline_reason or "declined"
-            return await self._decline("processor", reason, None)
-        # The authorize activity recorded PaymentAuthorized in the ledger.
-        self._last_step = "authorize"
-        self._set(status="AUTHORIZED", authorization_id=authorization.authorization_id)
-        self._check_cancel()
-
-        # 3. Approve, at or above the threshold.
-        if request.amount_minor >= policy.approval_threshold_minor:
-            await self._await_approval()
-
-        # 4. Reserve.
-        self._set(step="reserve")
-        self._details("Reserving the funds")
-        compensations.append(self._release_hold)
-        hold_expires_at = workflow.now() + timedelta(seconds=policy.hold_expiry_s)
-        try:
-            await self._record(
-                "reserve",
-                "FundsReserved",
-                {
-                    "payment_id": request.payment_id,
-                    "payer_account_id": request.payer_account_id,
-                    "payee_account_id": request.payee_account_id,
-                    "amount_minor": request.amount_minor,
-                    "currency": request.currency,
-                    "expires_at": hold_expires_at.isoformat(),
-                },
+            raise _Stop(
+                "DECLINED",
+                "authorize",
+                authorization.decline_reason or "declined",
+                declined_by="processor",
             )
-        except STEP_FAILED as error:
-            raise _Stop("FAILED", "reserve", _cause(error)) from None
-        self._set(status="RESERVED", hold_expires_at=hold_expires_at)
-        self._check_cancel()
+        return authorization
 
-        # 5. Settle, unless the hold expires first.
-        self._set(step="settle")
-        self._details(f"Settling; the hold expires at {hold_expires_at.isoformat()}")
+    async def _settle_in_rounds(self, hold_expires_at: datetime) -> None:
+        """An outage outlasted the quick tries: keep settling, but not past the hold."""
         self._settling = True
-        try:
-            # The common case: settlement lands at once, and no timer enters the history.
-            await self._record(
-                "settle", "PaymentSettled", self._settlement(), retry=SETTLE_FIRST_RETRY
-            )
-        except STEP_FAILED as error:
-            if _non_retryable(error):
-                self._settling = False
-                raise _Stop("FAILED", "settle", _cause(error)) from None
-            await self._settle_until_hold_expires(hold_expires_at)
-        self._set(status="SETTLED", waiting_for=None)
-        self._details("Settled")
-        return PaymentOutcome(payment_id=request.payment_id, status="SETTLED", step="settle")
-
-    async def _settle_until_hold_expires(self, hold_expires_at: datetime) -> None:
-        """An outage outlasted the quick retries: keep settling, but not past the hold."""
         self._details(f"Settlement failing; retrying until the hold expires at {hold_expires_at}")
-        settle = asyncio.ensure_future(
-            self._record("settle", "PaymentSettled", self._settlement(), retry=SETTLE_RETRY)
-        )
-        done, _ = await workflow.wait(
-            [settle],
-            timeout=max(0.0, (hold_expires_at - workflow.now()).total_seconds()),
-        )
-        if not done:
-            settle.cancel()
-            await _quietly(settle)
-            self._settling = False
-            raise _Stop("FAILED", "settle", "the hold expired before settlement")
-        try:
-            settle.result()
-        except STEP_FAILED as error:
-            self._settling = False
-            raise _Stop("FAILED", "settle", _cause(error)) from None
+        while workflow.now() < hold_expires_at:
+            try:
+                settled = await self._record(
+                    "settle", "PaymentSettled", self._settlement(), retry=ROUND_RETRY
+                )
+            except STEP_FAILED as error:
+                if _non_retryable(error):
+                    self._settling = False
+                    raise _Stop("FAILED", "settle", _cause(error)) from None
+                remaining = hold_expires_at - workflow.now()
+                if remaining > timedelta(0):
+                    await workflow.sleep(min(ROUND_PAUSE, remaining))
+                self._continue_as_new_if_long(
+                    Resume(
+                        phase="settling",
+                        hold_expires_at=hold_expires_at,
+                        authorization_id=self._state.authorization_id,
+                    )
+                )
+                continue
+            self._follow(settled, "settle")
+            return
+        self._settling = False
+        raise _Stop("FAILED", "settle", "the hold expired before settlement")
 
     def _settlement(self) -> dict[str, Any]:
         request, policy = self._request, self._request.policy
@@ -367,19 +454,35 @@ class PaymentWorkflow:
             "fee_minor": fee,
         }
 
-    async def _await_approval(self) -> None:
+    async def _await_approval(self, authorized_at: datetime) -> datetime:
+        """Wait for an operator's decision; returns when the approval was recorded."""
         request, policy = self._request, self._request.policy
-        deadline = workflow.now() + timedelta(seconds=policy.approval_deadline_s)
+        deadline = authorized_at + timedelta(seconds=policy.approval_deadline_s)
         self._set(step="approve")
-        await self._record(
-            "approval-request",
-            "ApprovalRequested",
-            {
-                "payment_id": request.payment_id,
-                "threshold_minor": policy.approval_threshold_minor,
-                "deadline_at": deadline.isoformat(),
-            },
-        )
+        try:
+            requested = await self._record(
+                "approval-request",
+                "ApprovalRequested",
+                {
+                    "payment_id": request.payment_id,
+                    "threshold_minor": policy.approval_threshold_minor,
+                    "deadline_at": deadline.isoformat(),
+                },
+            )
+        except STEP_FAILED as error:
+            raise _Stop("FAILED", "approve", _cause(error)) from None
+        self._follow(requested, "approve")
+        if requested.state != "pending_approval":
+            # An earlier run of this payment recorded the approval already.
+            approved: Recorded | None = await self._ledger(
+                "ledger.recorded",
+                FindEvent(payment_id=request.payment_id, event_type="PaymentApproved"),
+                result_type=Recorded | None,
+            )
+            if approved is None:
+                raise _Stop("FAILED", "approve", f"unexpected state {requested.state!r}")
+            self._set(status="AUTHORIZED")
+            return approved.recorded_at
         self._set(status="PENDING_APPROVAL", approval_deadline_at=deadline)
         self._details(
             f"Waiting for an operator to approve or reject (Update), until {deadline.isoformat()}"
@@ -387,53 +490,39 @@ class PaymentWorkflow:
         try:
             await workflow.wait_condition(
                 lambda: self._decision is not None or self._cancel is not None,
-                timeout=timedelta(seconds=policy.approval_deadline_s),
+                timeout=max(timedelta(0), deadline - workflow.now()),
             )
         except TimeoutError:
             raise _Stop("REJECTED", "approve", "the approval deadline passed") from None
         self._check_cancel()
         decision = self._decision
         if isinstance(decision, RejectRequest):
+            self._decision_actor = decision.actor
             raise _Stop("REJECTED", "approve", decision.reason)
         assert isinstance(decision, ApproveRequest)
-        await self._record(
-            "approve",
-            "PaymentApproved",
-            {
-                "payment_id": request.payment_id,
-                "approved_by": decision.actor,
-                "note": decision.note,
-            },
-            actor=decision.actor,
-        )
+        try:
+            approval = await self._record(
+                "approve",
+                "PaymentApproved",
+                {
+                    "payment_id": request.payment_id,
+                    "approved_by": decision.actor,
+                    "note": decision.note,
+                },
+                actor=decision.actor,
+            )
+        except STEP_FAILED as error:
+            raise _Stop("FAILED", "approve", _cause(error)) from None
+        self._follow(approval, "approve")
         self._set(status="AUTHORIZED")
+        return approval.recorded_at
 
     # --- closing ----------------------------------------------------------------------------
-    async def _decline(self, by: str, reason: str, rule: str | None) -> PaymentOutcome:
-        await self._record(
-            "decline",
-            "PaymentDeclined",
-            {
-                "payment_id": self._request.payment_id,
-                "declined_by": by,
-                "reason": reason,
-                "rule": rule,
-            },
-        )
-        self._set(status="DECLINED", failure_reason=reason, waiting_for=None)
-        self._details(f"Declined by {by}: {reason}")
-        return PaymentOutcome(
-            payment_id=self._request.payment_id,
-            status="DECLINED",
-            failure_reason=reason,
-            step="authorize",
-        )
-
-    async def _close(
-        self, compensations: list[Callable[[str], Awaitable[None]]], stop: _Stop
-    ) -> PaymentOutcome:
-        """Compensate in reverse, then append the terminal event. Nothing stops this."""
-        closing = asyncio.ensure_future(self._compensate_and_close(compensations, stop))
+    async def _close(self, stop: _Stop) -> PaymentOutcome:
+        """Compensate, then append the terminal event. Nothing stops this."""
+        self._closing = True
+        self._settling = False
+        closing = asyncio.ensure_future(self._close_from_the_ledger(stop))
         while True:
             try:
                 return await asyncio.shield(closing)
@@ -443,103 +532,89 @@ class PaymentWorkflow:
                 if closing.done():
                     return closing.result()
 
-    async def _compensate_and_close(
-        self, compensations: list[Callable[[str], Awaitable[None]]], stop: _Stop
-    ) -> PaymentOutcome:
-        if self._cancel is not None and stop.status != "REJECTED":
-            stop = _Stop("CANCELLED", stop.step, self._cancel.reason)
-        self._details(f"Compensating: {stop.reason}")
-        for compensation in reversed(compensations):
-            await compensation(stop.reason)
+    async def _close_from_the_ledger(self, stop: _Stop) -> PaymentOutcome:
         request = self._request
-        if stop.status == "CANCELLED":
-            cancelled_by = self._cancel.actor if self._cancel else self._actor
-            event_type, step = "PaymentCancelled", "cancel"
-            payload: dict[str, Any] = {
-                "payment_id": request.payment_id,
-                "step": stop.step,
-                "reason": stop.reason,
-                "cancelled_by": cancelled_by,
-            }
-            actor = cancelled_by
+        if self._cancel is not None and stop.status not in ("REJECTED", "DECLINED"):
+            stop = _Stop("CANCELLED", stop.step, self._cancel.reason)
+        actor = self._actor
+        if stop.status == "CANCELLED" and self._cancel is not None:
+            actor = self._cancel.actor
         elif stop.status == "REJECTED":
-            rejected_by = self._decision.actor if self._decision else self._actor
-            event_type, step = "PaymentRejected", "reject"
-            payload = {
-                "payment_id": request.payment_id,
-                "rejected_by": rejected_by,
-                "reason": stop.reason,
-            }
-            actor = rejected_by
-        else:
-            event_type, step = "PaymentFailed", "fail"
-            payload = {"payment_id": request.payment_id, "step": stop.step, "reason": stop.reason}
-            actor = self._actor
-        try:
-            await self._record(step, event_type, payload, actor=actor, retry=COMPENSATION_RETRY)
-        except STEP_FAILED as error:
-            if _error_type(error) != "stream_closed":
-                raise
-            # The step raced to completion after all (a settlement that committed as its
-            # hold expired): the ledger has the last word.
-            ledger_status: LedgerStatus = await self._ledger(
-                "ledger.payment_status",
-                request.payment_id,
-                result_type=LedgerStatus,
-                start_to_close_timeout=LEDGER_TIMEOUT,
-                retry_policy=COMPENSATION_RETRY,
-                local_retry_threshold=LONG_RETRY_LOCAL_THRESHOLD,
-            )
-            stop = _Stop(ledger_status.status, stop.step, stop.reason)
-        self._set(
-            status=stop.status,
-            failure_reason=None if stop.status == "SETTLED" else stop.reason,
-            waiting_for=None,
-        )
-        self._details(f"{stop.status.capitalize()} at {stop.step}: {stop.reason}")
-        return PaymentOutcome(
+            if isinstance(self._decision, RejectRequest):
+                self._decision_actor = self._decision.actor
+            actor = self._decision_actor or self._actor
+        self._details(f"Closing: {stop.reason}")
+        close = Close(
             payment_id=request.payment_id,
             status=stop.status,
-            failure_reason=stop.reason,
             step=stop.step,
-        )
-
-    async def _release_hold(self, reason: str) -> None:
-        self._details("Compensating: releasing the hold")
-        await self._ledger(
-            "ledger.release_if_reserved",
-            self._compensate(reason),
-            result_type=Recorded | None,
-            start_to_close_timeout=LEDGER_TIMEOUT,
-            retry_policy=COMPENSATION_RETRY,
-            local_retry_threshold=LONG_RETRY_LOCAL_THRESHOLD,
-        )
-
-    async def _void_authorization(self, reason: str) -> None:
-        self._details("Compensating: voiding the authorization at the processor")
-        await workflow.execute_activity(
-            "processor.void",
-            VoidRequest(payment_id=self._request.payment_id, reason=reason),
-            result_type=VoidResult,
-            start_to_close_timeout=PROCESSOR_VOID_TIMEOUT,
-            retry_policy=COMPENSATION_RETRY,
-        )
-        await self._ledger(
-            "ledger.record_void_if_authorized",
-            self._compensate(reason),
-            result_type=Recorded | None,
-            start_to_close_timeout=LEDGER_TIMEOUT,
-            retry_policy=COMPENSATION_RETRY,
-            local_retry_threshold=LONG_RETRY_LOCAL_THRESHOLD,
-        )
-
-    def _compensate(self, reason: str) -> Compensate:
-        return Compensate(
-            payment_id=self._request.payment_id,
-            reason=reason,
-            actor=self._cancel.actor if self._cancel else self._actor,
+            reason=stop.reason,
+            actor=actor,
             causation_id=self._causation(),
+            declined_by=stop.declined_by,
+            rule=stop.rule,
+            initiate=request.model_copy(update={"resume": None}),
         )
+        while True:
+            try:
+                closed: Closed = await self._ledger(
+                    "ledger.close",
+                    close,
+                    result_type=Closed,
+                    retry=ROUND_RETRY,
+                    local_retry_threshold=LONG_RETRY_LOCAL_THRESHOLD,
+                )
+            except STEP_FAILED as error:
+                self._details(f"Closing: the ledger is failing ({_cause(error)}); retrying")
+                await workflow.sleep(ROUND_PAUSE)
+                self._continue_as_new_if_long(
+                    Resume(
+                        phase="closing",
+                        status=close.status,
+                        step=close.step,
+                        reason=close.reason,
+                        authorization_id=self._state.authorization_id,
+                        cancel=self._cancel,
+                        decision_actor=self._decision_actor,
+                    )
+                )
+                continue
+            if closed.closed:
+                break
+            self._details("Closing: voiding the authorization at the processor")
+            try:
+                await workflow.execute_activity(
+                    "processor.void",
+                    VoidRequest(payment_id=request.payment_id, reason=close.reason),
+                    result_type=VoidResult,
+                    start_to_close_timeout=PROCESSOR_VOID_TIMEOUT,
+                    retry_policy=PROCESSOR_VOID_RETRY,
+                )
+            except STEP_FAILED as error:
+                if _error_type(error) != "void_refused":
+                    raise
+                continue  # the ledger moved meanwhile: read it again
+            close = close.model_copy(update={"processor_voided": True})
+        status: PaymentStatus = closed.status
+        reason = closed.reason if status != "SETTLED" else None
+        self._set(status=status, failure_reason=reason, waiting_for=None)
+        self._details(f"{status.capitalize()} at {stop.step}: {reason or 'settled'}")
+        return PaymentOutcome(
+            payment_id=request.payment_id,
+            status=status,
+            failure_reason=reason,
+            step=stop.step if status != "SETTLED" else "settle",
+        )
+
+    def _continue_as_new_if_long(self, resume: Resume) -> None:
+        """Keep the history bounded, however long an outage lasts."""
+        self._rounds += 1
+        if workflow.info().get_current_history_length() < self._request.policy.history_events_max:
+            return
+        self._continue_as_new(resume.model_copy(update={"rounds": self._rounds}))
+
+    def _continue_as_new(self, resume: Resume) -> NoReturn:
+        workflow.continue_as_new(self._request.model_copy(update={"resume": resume}))
 
     # --- plumbing ---------------------------------------------------------------------------
     async def _record(
@@ -549,9 +624,8 @@ class PaymentWorkflow:
         payload: dict[str, Any],
         *,
         actor: str | None = None,
-        retry: RetryPolicy = LEDGER_RETRY,
+        retry: RetryPolicy | None = None,
     ) -> Recorded:
-        long_retry = retry.maximum_attempts == 0
         recorded: Recorded = await self._ledger(
             "ledger.record_event",
             RecordEvent(
@@ -563,9 +637,8 @@ class PaymentWorkflow:
                 causation_id=self._causation(),
             ),
             result_type=Recorded,
-            start_to_close_timeout=LEDGER_TIMEOUT,
-            retry_policy=retry,
-            local_retry_threshold=LONG_RETRY_LOCAL_THRESHOLD if long_retry else None,
+            retry=retry,
+            local_retry_threshold=LONG_RETRY_LOCAL_THRESHOLD if retry is ROUND_RETRY else None,
         )
         self._last_step = step
         return recorded
@@ -576,24 +649,29 @@ class PaymentWorkflow:
         arg: Any,
         *,
         result_type: Any,
-        start_to_close_timeout: timedelta,
-        retry_policy: RetryPolicy,
+        retry: RetryPolicy | None = None,
         local_retry_threshold: timedelta | None = None,
     ) -> Any:
         """A ledger step: a local activity, unless the policy asks for regular ones."""
+        retry_policy = retry or RetryPolicy(
+            initial_interval=LEDGER_BACKOFF,
+            backoff_coefficient=2.0,
+            maximum_interval=LEDGER_BACKOFF_MAX,
+            maximum_attempts=self._request.policy.ledger_attempts_max,
+        )
         if self._request.policy.ledger_activities == "regular":
             return await workflow.execute_activity(
                 activity,
                 arg,
                 result_type=result_type,
-                start_to_close_timeout=start_to_close_timeout,
+                start_to_close_timeout=LEDGER_TIMEOUT,
                 retry_policy=retry_policy,
             )
         return await workflow.execute_local_activity(
             activity,
             arg,
             result_type=result_type,
-            start_to_close_timeout=start_to_close_timeout,
+            start_to_close_timeout=LEDGER_TIMEOUT,
             retry_policy=retry_policy,
             local_retry_threshold=local_retry_threshold,
         )

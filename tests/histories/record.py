@@ -88,7 +88,7 @@ async def main() -> None:
             task_queue = f"record-{uuid.uuid4()}"
             settings = Settings(_env_file=None, task_queue=task_queue)
             payments = Payments(env.client, store, task_queue)
-            activities = payment_activities(store)
+            activities = payment_activities(store, env.client)
             async with build_worker(
                 env.client, settings, task_queue=task_queue, activities=activities
             ):

@@ -1,0 +1,136 @@
+"""The sweeper's activity: open payments whose workflow is gone, repaired from the ledger.
+
+An operator may terminate a payment's workflow from the Temporal UI, a workflow may
+time out or fail, and Temporal may forget one altogether. Its stream then stays open:
+a hold held, an authorization alive at the processor, no terminal event. Each sweep
+finds such payments (open in the ledger, not running in Temporal) and closes them
+from the ledger's facts, exactly as the saga would (`close_payment`): release the
+hold, void the authorization (the ledger first, then the processor), and append
+PaymentFailed naming the cause and, where Temporal records one, who terminated it.
+A hold past its expiry is named too.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime, timedelta
+
+from temporalio import activity
+from temporalio.api.common.v1 import WorkflowExecution
+from temporalio.api.workflowservice.v1 import GetWorkflowExecutionHistoryReverseRequest
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.service import RPCError, RPCStatusCode
+
+from activities.ledger import LedgerActivities, close_payment
+from activities.processor import Authorizer
+from ledger.store import OpenPayment
+from workflows.models import Close, Closed, Repair, SweepReport, SweepRequest, VoidRequest
+
+log = logging.getLogger("paysaga.sweeper")
+
+SWEEPER_ACTOR = "sweeper"
+DESCRIBE_TIMEOUT = timedelta(seconds=10)
+# close_payment asks for the processor's void at most once per round; two rounds and
+# a spare are enough unless something races the repair, which the next sweep finishes.
+REPAIR_ROUNDS_MAX = 3
+
+
+class SweeperActivities:
+    def __init__(self, ledger: LedgerActivities, authorizer: Authorizer, client: Client) -> None:
+        self.ledger = ledger
+        self.authorizer = authorizer
+        self.client = client
+
+    @activity.defn(name="sweeper.sweep")
+    async def sweep(self, request: SweepRequest) -> SweepReport:
+        """Check every idle open payment against Temporal; repair those whose workflow is gone."""
+        candidates = await self.ledger.store.open_payments(
+            idle_s=request.idle_s, limit=request.payments_max
+        )
+        repaired = []
+        for payment in candidates:
+            _heartbeat(payment.payment_id)
+            gone = await self._workflow_gone(payment.payment_id)
+            if gone is None:
+                continue
+            cause = _with_hold(payment, gone)
+            closed = await self.repair(payment.payment_id, cause)
+            log.warning(
+                "repaired a payment whose workflow is gone",
+                extra={"payment_id": payment.payment_id, "cause": cause, "status": closed.status},
+            )
+            repaired.append(
+                Repair(payment_id=payment.payment_id, cause=cause, status=closed.status)
+            )
+        return SweepReport(checked=len(candidates), repaired=repaired)
+
+    async def repair(self, payment_id: str, cause: str) -> Closed:
+        """Close a payment from the ledger's facts, voiding at the processor when the
+        ledger says the payment can no longer settle."""
+        close = Close(
+            payment_id=payment_id, status="FAILED", step="repair", reason=cause, actor=SWEEPER_ACTOR
+        )
+        for _ in range(REPAIR_ROUNDS_MAX):
+            closed = await close_payment(self.ledger, close)
+            if closed.closed:
+                return closed
+            await self.authorizer.void(VoidRequest(payment_id=payment_id, reason=cause), 1)
+            close = close.model_copy(update={"processor_voided": True})
+        raise RuntimeError(f"payment {payment_id} did not close; the next sweep goes on")
+
+    async def _workflow_gone(self, payment_id: str) -> str | None:
+        """Why the payment's workflow no longer runs, or None if it does."""
+        handle = self.client.get_workflow_handle(f"payment-{payment_id}")
+        try:
+            described = await handle.describe(rpc_timeout=DESCRIBE_TIMEOUT)
+        except RPCError as error:
+            if error.status == RPCStatusCode.NOT_FOUND:
+                return "its workflow is unknown to Temporal"
+            raise
+        status = described.status
+        if status in (WorkflowExecutionStatus.RUNNING, WorkflowExecutionStatus.CONTINUED_AS_NEW):
+            return None
+        if status == WorkflowExecutionStatus.TERMINATED:
+            identity, reason = await self._termination(payment_id, described.run_id)
+            by = f" by {identity}" if identity else ""
+            return f"its workflow was terminated{by}" + (f": {reason}" if reason else "")
+        if status == WorkflowExecutionStatus.TIMED_OUT:
+            return "its workflow timed out"
+        if status == WorkflowExecutionStatus.CANCELED:
+            return "its workflow was cancelled before it closed the payment"
+        if status == WorkflowExecutionStatus.FAILED:
+            return "its workflow failed before it closed the payment"
+        return f"its workflow ended ({status.name if status else 'unknown'}) with the payment open"
+
+    async def _termination(self, payment_id: str, run_id: str | None) -> tuple[str, str]:
+        """Who terminated the workflow, and why, from its last history event."""
+        response = await self.client.workflow_service.get_workflow_execution_history_reverse(
+            GetWorkflowExecutionHistoryReverseRequest(
+                namespace=self.client.namespace,
+                execution=WorkflowExecution(
+                    workflow_id=f"payment-{payment_id}", run_id=run_id or ""
+                ),
+                maximum_page_size=1,
+            ),
+            timeout=DESCRIBE_TIMEOUT,
+        )
+        for event in response.history.events:
+            if event.HasField("workflow_execution_terminated_event_attributes"):
+                attributes = event.workflow_execution_terminated_event_attributes
+                return attributes.identity, attributes.reason
+        return "", ""
+
+    def all(self) -> list[object]:
+        return [self.sweep]
+
+
+def _with_hold(payment: OpenPayment, cause: str) -> str:
+    expires_at = payment.hold_expires_at
+    if payment.state == "reserved" and expires_at is not None and expires_at < datetime.now(UTC):
+        return f"its hold expired at {expires_at.isoformat()} and {cause}"
+    return cause
+
+
+def _heartbeat(details: str) -> None:
+    if activity.in_activity():
+        activity.heartbeat(details)
