@@ -91,6 +91,7 @@ def _recorded(result: AppendResult) -> Recorded:
         appended=result.appended,
         recorded_at=result.event.recorded_at,
         state=result.state,
+        checked_at=result.checked_at,
     )
 
 
@@ -186,6 +187,7 @@ class LedgerActivities:
                     appended=False,
                     recorded_at=event.recorded_at,
                     state=head.state,
+                    checked_at=await self.store.clock(),
                 )
         return None
 

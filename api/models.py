@@ -176,6 +176,16 @@ class PaymentOut(BaseModel):
     waiting_for: str | None = Field(
         default=None, description="What the payment waits for, while it runs."
     )
+    workflow_status: str | None = Field(
+        default=None,
+        description="Its workflow's status (RUNNING, TERMINATED, TIMED_OUT, NOT_FOUND, ...), "
+        "when the payment is still open in the ledger.",
+    )
+    repair_pending: bool = Field(
+        default=False,
+        description="True when the payment is open in the ledger but its workflow no longer "
+        "runs: the sweeper will close it from the ledger's facts.",
+    )
 
 
 class PaymentList(BaseModel):

@@ -127,6 +127,7 @@ class AppendResult:
     event: RecordedEvent
     appended: bool  # False: the event was already there (an idempotent retry)
     state: str  # the stream's state now: after this event, or wherever a retry found it
+    checked_at: datetime  # the ledger's clock when it answered
 
 
 @dataclass(frozen=True)
@@ -335,6 +336,7 @@ class EventStore:
             ),
             appended=row.appended,
             state=row.state,
+            checked_at=row.checked_at,
         )
 
     async def _append_with_retries(self, new: NewEvent, params: dict[str, Any]) -> Any:
@@ -568,6 +570,12 @@ class EventStore:
         )
         return PayerActivity(kind=rows[0].kind, recent_payments=int(rows[0].recent))
 
+    async def clock(self) -> datetime:
+        """The ledger's clock: the time recorded events are stamped with."""
+        rows = await self._fetch(_CLOCK, {})
+        now: datetime = rows[0].now
+        return now
+
     async def ping(self) -> None:
         """One round trip to the database."""
         await self._fetch(_PING, {})
@@ -657,6 +665,7 @@ _LAGS = text(
     """
 )
 _PING = text("SELECT 1")
+_CLOCK = text("SELECT clock_timestamp() AS now")
 
 
 def _recorded(row: Any) -> RecordedEvent:

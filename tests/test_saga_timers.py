@@ -84,7 +84,7 @@ async def test_an_approval_deadline_that_passes_rejects_and_compensates(
 async def test_a_hold_that_expires_before_settlement_is_released(
     time_skipping_env: WorkflowEnvironment, bank: EventStore, settings: Settings, task_queue: str
 ) -> None:
-    policy = TEST_POLICY.model_copy(update={"hold_expiry_s": 3_600})
+    policy = TEST_POLICY.model_copy(update={"hold_expiry_s": 120})
     async with _worker_payments(
         time_skipping_env, bank, settings, task_queue, LedgerOutageAtSettlement(bank)
     ) as payments:

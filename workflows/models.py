@@ -66,8 +66,9 @@ class Resume(_Model):
     """Where a payment that continued as new picks up: settling, or closing."""
 
     phase: Literal["settling", "closing"]
-    # settling: when the hold expires; closing: the outcome being recorded.
+    # settling: when the hold expires, in the ledger's time and in workflow time.
     hold_expires_at: datetime | None = None
+    settle_until: datetime | None = None
     status: PaymentStatus | None = None
     step: str = "settle"
     reason: str = ""
@@ -185,6 +186,10 @@ class Recorded(_Model):
     # The stream's state now. A step re-run after a reset learns here that the ledger
     # went further (or ended) while the run that appended it was alive.
     state: str
+    # The ledger's clock as it answered. Deadlines recorded in the ledger (a hold's
+    # expiry, an approval's deadline) are waited for as "deadline - checked_at" from
+    # now, in workflow time, whatever the skew between the two clocks.
+    checked_at: datetime
 
 
 class RiskInput(_Model):

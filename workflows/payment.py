@@ -248,9 +248,9 @@ class PaymentWorkflow:
             if resume.phase == "closing":
                 assert resume.status is not None
                 raise _Stop(resume.status, resume.step, resume.reason)
-            assert resume.hold_expires_at is not None
+            assert resume.hold_expires_at is not None and resume.settle_until is not None
             self._set(status="RESERVED", step="settle", hold_expires_at=resume.hold_expires_at)
-            await self._settle_in_rounds(resume.hold_expires_at)
+            await self._settle_in_rounds(resume.hold_expires_at, resume.settle_until)
             return self._settled()
 
         # 1. Initiate (the risk rules are judged in the same step).
@@ -314,6 +314,8 @@ class PaymentWorkflow:
         except STEP_FAILED as error:
             raise _Stop("FAILED", "reserve", _cause(error)) from None
         self._follow(reserved, "reserve")
+        # The hold expires in the ledger's time; the saga waits for it in its own.
+        settle_until = workflow.now() + (hold_expires_at - reserved.checked_at)
         self._set(status="RESERVED", hold_expires_at=hold_expires_at)
         self._check_cancel()
 
@@ -331,7 +333,7 @@ class PaymentWorkflow:
             if _non_retryable(error):
                 self._settling = False
                 raise _Stop("FAILED", "settle", _cause(error)) from None
-            await self._settle_in_rounds(hold_expires_at)
+            await self._settle_in_rounds(hold_expires_at, settle_until)
         return self._settled()
 
     def _settled(self) -> PaymentOutcome:
@@ -395,11 +397,12 @@ class PaymentWorkflow:
             )
         return authorization
 
-    async def _settle_in_rounds(self, hold_expires_at: datetime) -> None:
-        """An outage outlasted the quick tries: keep settling, but not past the hold."""
+    async def _settle_in_rounds(self, hold_expires_at: datetime, settle_until: datetime) -> None:
+        """An outage outlasted the quick tries: keep settling, but not past the hold
+        (`settle_until` is its expiry in workflow time)."""
         self._settling = True
         self._details(f"Settlement failing; retrying until the hold expires at {hold_expires_at}")
-        while workflow.now() < hold_expires_at:
+        while workflow.now() < settle_until:
             try:
                 settled = await self._record(
                     "settle", "PaymentSettled", self._settlement(), retry=ROUND_RETRY
@@ -408,13 +411,14 @@ class PaymentWorkflow:
                 if _non_retryable(error):
                     self._settling = False
                     raise _Stop("FAILED", "settle", _cause(error)) from None
-                remaining = hold_expires_at - workflow.now()
+                remaining = settle_until - workflow.now()
                 if remaining > timedelta(0):
                     await workflow.sleep(min(ROUND_PAUSE, remaining))
                 self._continue_as_new_if_long(
                     Resume(
                         phase="settling",
                         hold_expires_at=hold_expires_at,
+                        settle_until=settle_until,
                         authorization_id=self._state.authorization_id,
                     )
                 )
@@ -488,9 +492,11 @@ class PaymentWorkflow:
             f"Waiting for an operator to approve or reject (Update), until {deadline.isoformat()}"
         )
         try:
+            # The deadline is the ledger's; what is left of it, by the ledger's clock,
+            # is waited for in workflow time.
             await workflow.wait_condition(
                 lambda: self._decision is not None or self._cancel is not None,
-                timeout=max(timedelta(0), deadline - workflow.now()),
+                timeout=max(timedelta(0), deadline - requested.checked_at),
             )
         except TimeoutError:
             raise _Stop("REJECTED", "approve", "the approval deadline passed") from None

@@ -21,7 +21,7 @@ import base64
 import contextlib
 import logging
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Response
@@ -29,8 +29,10 @@ from temporalio.client import (
     Client,
     RPCTimeoutOrCancelledError,
     WorkflowFailureError,
+    WorkflowQueryRejectedError,
     WorkflowUpdateFailedError,
 )
+from temporalio.common import QueryRejectCondition
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -153,7 +155,12 @@ def _from_state(state: PaymentState, metadata: dict[str, Any]) -> PaymentOut:
 
 
 async def read_payment(store: EventStore, client: Client | None, payment_id: str) -> PaymentOut:
-    """The ledger's view once the payment has ended; the workflow's while it runs."""
+    """The ledger's view once the payment has ended; the workflow's while it runs.
+
+    A payment open in the ledger whose workflow no longer runs (an operator terminated
+    it, say) is answered from the ledger, saying so: `workflow_status` names how the
+    workflow ended, and `repair_pending` that the sweeper will close the payment.
+    """
     events = await store.read_stream(payment_stream(payment_id))
     ledger_view = _from_events(events) if events else None
     if ledger_view is not None and ledger_view.status in TERMINAL_STATUSES:
@@ -162,19 +169,43 @@ async def read_payment(store: EventStore, client: Client | None, payment_id: str
         try:
             state = await asyncio.wait_for(
                 client.get_workflow_handle(workflow_id_for(payment_id)).query(
-                    PaymentWorkflow.status
+                    PaymentWorkflow.status,
+                    reject_condition=QueryRejectCondition.NOT_OPEN,
+                    rpc_timeout=timedelta(seconds=QUERY_TIMEOUT_S),
                 ),
                 QUERY_TIMEOUT_S,
             )
             metadata = ledger_view.metadata if ledger_view else {}
-            return _from_state(state, metadata)
-        except (RPCError, TimeoutError, WorkflowFailureError) as error:
+            return _from_state(state, metadata).model_copy(update={"workflow_status": "RUNNING"})
+        except WorkflowQueryRejectedError as rejected:
+            if ledger_view is not None:
+                return _gone(ledger_view, rejected.status.name if rejected.status else "CLOSED")
+        except RPCError as error:
+            if error.status == RPCStatusCode.NOT_FOUND and ledger_view is not None:
+                return _gone(ledger_view, "NOT_FOUND")
+            log.info(
+                "live state unavailable, answering from the ledger", extra={"error": str(error)}
+            )
+        except (TimeoutError, WorkflowFailureError) as error:
             log.info(
                 "live state unavailable, answering from the ledger", extra={"error": str(error)}
             )
     if ledger_view is None:
         raise ProblemError(404, "payment_not_found", f"no payment {payment_id!r}")
     return ledger_view
+
+
+def _gone(ledger_view: PaymentOut, workflow_status: str) -> PaymentOut:
+    """An open payment whose workflow no longer runs: what the ledger knows, and that the
+    sweeper will close it."""
+    return ledger_view.model_copy(
+        update={
+            "workflow_status": workflow_status,
+            "repair_pending": True,
+            "waiting_for": "its workflow no longer runs; the sweeper will close the payment "
+            "from the ledger",
+        }
+    )
 
 
 def _check_payment_id(payment_id: str) -> None:
@@ -438,6 +469,14 @@ async def _update(
         if not events:
             raise ProblemError(404, "payment_not_found", f"no payment {payment_id!r}") from None
         ended = _from_events(events)
+        if ended.status not in TERMINAL_STATUSES:
+            raise ProblemError(
+                409,
+                "workflow_not_running",
+                f"the payment is {ended.status} but its workflow no longer runs (it was "
+                "terminated or timed out); the sweeper closes it from the ledger within "
+                "PAYSAGA_SWEEP_INTERVAL_S",
+            ) from None
         raise ProblemError(
             409, f"{action}_refused", f"the payment already ended ({ended.status})"
         ) from None

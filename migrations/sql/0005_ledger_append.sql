@@ -11,7 +11,9 @@
 --     caller;
 --   * search_path puts pg_temp last, so a temporary table cannot shadow the ledger's;
 --   * a transaction id is taken before any global_seq, which the safe horizon needs;
---   * it returns the stream's state, so a retried step learns where the stream is.
+--   * it returns the stream's state, so a retried step learns where the stream is, and
+--     the ledger's clock (`checked_at`), so that deadlines recorded in the ledger's time
+--     can be waited for from the caller's.
 --
 -- One call is one transaction and one round trip: under the stream's lock it checks
 -- the transition, moves the positions (ledger_apply_money), chains the hash and
@@ -45,7 +47,8 @@ CREATE FUNCTION ledger_append(
     correlation_id text,
     causation_id text,
     attempt integer,
-    state text
+    state text,
+    checked_at timestamptz
 )
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp AS $$
 DECLARE
@@ -150,7 +153,7 @@ BEGIN
                 RETURN QUERY SELECT v_stored.global_seq, v_stored.stream_version,
                     v_stored.recorded_at, v_stored.prev_hash, v_stored.hash, false,
                     v_stored.actor, v_stored.correlation_id, v_stored.causation_id,
-                    v_stored.attempt, v_state;
+                    v_stored.attempt, v_state, clock_timestamp();
                 RETURN;
             END IF;
             RAISE EXCEPTION 'event % exists with different content (% in %)',
@@ -207,6 +210,6 @@ BEGIN
      WHERE streams.stream_id = p_stream_id;
 
     RETURN QUERY SELECT v_seq, v_version, v_now, v_last_hash, v_hash, true,
-        p_actor, p_correlation_id, p_causation_id, p_attempt, v_to_state;
+        p_actor, p_correlation_id, p_causation_id, p_attempt, v_to_state, clock_timestamp();
 END
 $$;

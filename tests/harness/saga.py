@@ -110,5 +110,9 @@ async def wait_for_state(
         seen.append(state)
         return predicate(state)
 
-    await wait_for(check, timeout_s=timeout_s, what="the payment's state")
+    try:
+        await wait_for(check, timeout_s=timeout_s, what="the payment's state")
+    except AssertionError as error:
+        last = seen[-1] if seen else None
+        raise AssertionError(f"{error}; last seen: {last!r}") from None
     return seen[-1]
