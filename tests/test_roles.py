@@ -196,7 +196,7 @@ def test_a_service_login_cannot_become_the_owner(database: IsolatedDatabase, esc
             conn.execute("CREATE TABLE escaped (id int)")
 
 
-@pytest.mark.parametrize("service", ["worker", "api", "projector"])
+@pytest.mark.parametrize("service", ["worker", "sealer", "api", "projector"])
 def test_a_service_with_only_the_owners_url_refuses_to_start(
     database: IsolatedDatabase, service: str
 ) -> None:
@@ -212,6 +212,19 @@ def test_an_owner_command_with_only_the_services_url_is_refused(
     result = paysaga("db", "current", env=clean_env(DATABASE_APP_URL=database.urls.app_url))
     assert result.returncode == 2
     assert "DATABASE_URL" in result.stderr
+
+
+def test_up_refuses_the_services_login_without_the_owners(tmp_path: Path) -> None:
+    result = paysaga(
+        "up",
+        env=clean_env(
+            DATABASE_APP_URL="postgresql://paysaga_app@127.0.0.1:1/paysaga",
+            PAYSAGA_DATA_DIR=str(tmp_path / "data"),
+        ),
+    )
+    assert result.returncode == 2
+    assert "needs the schema owner's login (DATABASE_URL)" in " ".join(result.stderr.split())
+    assert not (tmp_path / "data").exists()
 
 
 def test_services_get_the_app_login_and_never_the_owners(
