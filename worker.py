@@ -33,7 +33,7 @@ from activities.ledger import LedgerActivities
 from activities.processor import Authorizer, ProcessorActivities, SimulatedProcessor
 from activities.sweeper import SweeperActivities
 from ledger.store import EventStore
-from paysaga.db import database_urls, open_store
+from paysaga.db import open_store, service_urls
 from paysaga.settings import Settings
 from paysaga.temporal import connect
 from workflows.diagnostics import PingWorkflow
@@ -155,7 +155,7 @@ async def run_worker(settings: Settings) -> None:
     client = await connect(settings)
     # One connection per concurrent local activity is all the ledger can use.
     store = await open_store(
-        database_urls(settings), pool_size=min(settings.worker_local_activities_max, 32)
+        service_urls(settings), pool_size=min(settings.worker_local_activities_max, 32)
     )
     worker = build_worker(client, settings, activities=payment_activities(store, client))
     created = await ensure_sweeper_schedule(client, settings)

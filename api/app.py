@@ -18,7 +18,7 @@ from api import problems
 from api.metrics import ApiMetrics, MetricsServer
 from api.routers import accounts, events, health, payments
 from ledger.store import EventStore
-from paysaga.db import database_urls, open_store
+from paysaga.db import open_store, service_urls
 from paysaga.logs import request_id_var
 from paysaga.settings import Settings, get_settings
 from paysaga.temporal import LazyClient
@@ -126,7 +126,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.store = store or await open_store(
-            database_urls(settings), pool_size=settings.db_pool_size
+            service_urls(settings), pool_size=settings.db_pool_size
         )
         app.state.temporal = LazyClient(settings, temporal_client)
         apart = settings.metrics_address

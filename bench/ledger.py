@@ -52,7 +52,7 @@ from ledger.events import (  # noqa: E402
 )
 from ledger.store import NewEvent  # noqa: E402
 from paysaga import migrate  # noqa: E402
-from paysaga.db import DatabaseUrls, open_store  # noqa: E402
+from paysaga.db import DatabaseUrls, open_store, passfile_path, provision_app_login  # noqa: E402
 from paysaga.embedded_pg import EmbeddedPostgres, stop_server  # noqa: E402
 
 APP_ROLE = "paysaga_app"
@@ -202,9 +202,7 @@ async def run_scenario(
     )
 
 
-def fresh_database(
-    admin_url: str, owner_url: str, name: str, app_login_url: str | None
-) -> DatabaseUrls:
+def fresh_database(admin_url: str, owner_url: str, name: str, app_login_url: str) -> DatabaseUrls:
     owner = with_database(owner_url, "x").username
     with psycopg.connect(to_libpq_url(admin_url), autocommit=True) as conn:
         conn.execute(
@@ -217,9 +215,7 @@ def fresh_database(
         )
     owner_db = with_database(owner_url, name).render_as_string(hide_password=False)
     migrate.upgrade(owner_db, APP_ROLE)
-    app_url = None
-    if app_login_url is not None:
-        app_url = with_database(app_login_url, name).render_as_string(hide_password=False)
+    app_url = with_database(app_login_url, name).render_as_string(hide_password=False)
     return DatabaseUrls(owner_url=owner_db, app_url=app_url, app_role=APP_ROLE)
 
 
@@ -237,7 +233,9 @@ async def main() -> None:
     external = os.environ.get("DATABASE_URL")
     if external:
         admin_url = owner_url = external
-        app_login_url = None
+        # The store logs in as the application role, as the services do.
+        passfile = passfile_path(workdir / "secrets", APP_ROLE)
+        app_login_url = provision_app_login(external, APP_ROLE, passfile)
         server = "external"
     else:
         pg = EmbeddedPostgres(workdir / "pg", app_role=APP_ROLE)

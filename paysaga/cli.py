@@ -57,6 +57,27 @@ def _settings() -> Settings:
         fail(f"invalid configuration:\n{error}", code=2)
 
 
+def _service_settings() -> Settings:
+    """Settings for a service, which must have a login of the application role's own."""
+    from paysaga.db import DatabaseConfigError, service_urls
+
+    settings = _settings()
+    try:
+        service_urls(settings)
+    except DatabaseConfigError as error:
+        fail(str(error), code=2)
+    return settings
+
+
+def _owner_url(settings: Settings) -> str:
+    from paysaga.db import DatabaseConfigError, owner_url
+
+    try:
+        return owner_url(settings)
+    except DatabaseConfigError as error:
+        fail(str(error), code=2)
+
+
 def _configure_logging(service: str, settings: Settings) -> None:
     from paysaga.logs import configure_logging
 
@@ -84,7 +105,7 @@ def worker() -> None:
     """Run the Temporal worker against the configured servers."""
     import worker as worker_service
 
-    _settings()  # a configuration error is reported here, as for every command
+    _service_settings()  # a configuration error is reported here, as for every command
     worker_service.main()
 
 
@@ -95,7 +116,7 @@ def api() -> None:
 
     from api.app import create_app
 
-    settings = _settings()
+    settings = _service_settings()
     _configure_logging("api", settings)
     uvicorn.run(
         create_app(settings),
@@ -113,7 +134,7 @@ def projector() -> None:
     import signal
     import threading
 
-    settings = _settings()
+    settings = _service_settings()
     _configure_logging("projector", settings)
     log = logging.getLogger("paysaga.projector")
     log.info("projector: no projections are registered yet; waiting for a stop signal")
@@ -130,9 +151,9 @@ def sealer() -> None:
     import signal
 
     from ledger.sealer import run_sealer
-    from paysaga.db import database_urls, open_store
+    from paysaga.db import open_store, service_urls
 
-    settings = _settings()
+    settings = _service_settings()
     _configure_logging("sealer", settings)
     log = logging.getLogger("paysaga.sealer")
 
@@ -141,7 +162,7 @@ def sealer() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        store = await open_store(database_urls(settings), pool_size=1)
+        store = await open_store(service_urls(settings), pool_size=1)
         log.info("sealer started", extra={"interval_s": settings.seal_interval_s})
         try:
             await run_sealer(store, stop, interval_s=settings.seal_interval_s)
@@ -190,10 +211,9 @@ def status() -> None:
 def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
     """Apply migrations up to REVISION (default: the latest)."""
     from paysaga import migrate
-    from paysaga.db import database_urls
 
     settings = _settings()
-    migrate.upgrade(database_urls(settings).owner_url, settings.db_app_role, revision)
+    migrate.upgrade(_owner_url(settings), settings.db_app_role, revision)
     err.print(f"database at revision {revision}")
 
 
@@ -201,10 +221,9 @@ def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
 def db_downgrade(revision: Annotated[str, typer.Argument()]) -> None:
     """Revert migrations down to REVISION (`base` reverts them all)."""
     from paysaga import migrate
-    from paysaga.db import database_urls
 
     settings = _settings()
-    migrate.downgrade(database_urls(settings).owner_url, settings.db_app_role, revision)
+    migrate.downgrade(_owner_url(settings), settings.db_app_role, revision)
     err.print(f"database at revision {revision}")
 
 
@@ -212,9 +231,8 @@ def db_downgrade(revision: Annotated[str, typer.Argument()]) -> None:
 def db_current() -> None:
     """Print the database's current revision."""
     from paysaga import migrate
-    from paysaga.db import database_urls
 
-    typer.echo(migrate.current_revision(database_urls(_settings()).owner_url) or "base")
+    typer.echo(migrate.current_revision(_owner_url(_settings())) or "base")
 
 
 # --- API keys -----------------------------------------------------------------------------
@@ -222,12 +240,13 @@ def _with_owner_engine(call: Callable[[AsyncEngine, Settings], Awaitable[T]]) ->
     """Run an async call with an owner engine, and explain an unreachable database."""
     from sqlalchemy.exc import OperationalError
 
-    from paysaga.db import create_owner_engine, database_urls
+    from paysaga.db import create_owner_engine
 
     settings = _settings()
+    url = _owner_url(settings)
 
     async def run() -> T:
-        engine = create_owner_engine(database_urls(settings))
+        engine = create_owner_engine(url)
         try:
             return await call(engine, settings)
         finally:
@@ -326,13 +345,27 @@ def temporal_register() -> None:
 PROGRESS_EVENTS_MIN = 20_000
 
 
+def _ledger_reader_url(settings: Settings) -> str:
+    """Who reads the ledger for an administrative check: the application role, or the
+    owner when that is the only login this process was given."""
+    from paysaga.db import DatabaseConfigError, service_urls
+
+    if settings.database_url is not None and settings.database_app_url is None:
+        return settings.database_url
+    try:
+        return service_urls(settings).app_url
+    except DatabaseConfigError as error:
+        fail(str(error), code=2)
+
+
 def _run_ledger_report(name: str, digest: str | None = None) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
+    from ledger.db import create_reader_engine
     from ledger.verify import Digest, Report, check_ledger, count_events, verify_chain
-    from paysaga.db import create_app_engine, database_urls
 
     settings = _settings()
+    url = _ledger_reader_url(settings)
     root: Digest | None = None
     if digest is not None:
         try:
@@ -346,7 +379,7 @@ def _run_ledger_report(name: str, digest: str | None = None) -> None:
         return await check_ledger(engine, progress)
 
     async def go() -> Report:
-        engine = create_app_engine(database_urls(settings), pool_size=1, pool_overflow_max=0)
+        engine = create_reader_engine(url, pool_size=1, pool_overflow_max=0)
         try:
             total = await count_events(engine)
             if total < PROGRESS_EVENTS_MIN:
@@ -398,13 +431,13 @@ def ledger_check() -> None:
 @ledger_app.command("digest")
 def ledger_digest() -> None:
     """Print the latest sealed block as <global_seq>:<hash>: a root to keep elsewhere."""
+    from ledger.db import create_reader_engine
     from ledger.verify import Digest, latest_digest
-    from paysaga.db import create_app_engine, database_urls
 
-    settings = _settings()
+    url = _ledger_reader_url(_settings())
 
     async def go() -> Digest | None:
-        engine = create_app_engine(database_urls(settings), pool_size=1, pool_overflow_max=0)
+        engine = create_reader_engine(url, pool_size=1, pool_overflow_max=0)
         try:
             return await latest_digest(engine)
         finally:
@@ -422,12 +455,12 @@ def ledger_seal() -> None:
     """Seal now, up to the safe horizon, instead of waiting for the sealer."""
     from ledger.sealer import seal_all
     from ledger.store import Block
-    from paysaga.db import database_urls, open_store
+    from paysaga.db import open_store, service_urls
 
-    settings = _settings()
+    settings = _service_settings()
 
     async def go() -> list[Block]:
-        store = await open_store(database_urls(settings), pool_size=1)
+        store = await open_store(service_urls(settings), pool_size=1)
         try:
             return await seal_all(store)
         finally:

@@ -49,14 +49,16 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         default=None,
         validation_alias=AliasChoices("DATABASE_URL", "database_url"),
-        description="DATABASE_URL: an external PostgreSQL, connected as the schema owner "
-        "(runs migrations). Unset: the embedded PostgreSQL.",
+        description="DATABASE_URL: an external PostgreSQL, logged in as the schema owner "
+        "(migrations and administrative commands; never the services). Unset: the "
+        "embedded PostgreSQL.",
     )
     database_app_url: str | None = Field(
         default=None,
         validation_alias=AliasChoices("DATABASE_APP_URL", "database_app_url"),
-        description="DATABASE_APP_URL: the services' connection, as the application role. "
-        "Unset: DATABASE_URL with SET ROLE to the application role.",
+        description="DATABASE_APP_URL: the services' own login, as the application role. "
+        "A service needs it whenever DATABASE_URL is set; `paysaga up` provisions one "
+        "when it is unset.",
     )
     db_app_role: str = Field(
         default="paysaga_app",
@@ -269,7 +271,7 @@ class Settings(BaseSettings):
 
     @property
     def uses_embedded_postgres(self) -> bool:
-        return self.database_url is None
+        return self.database_url is None and self.database_app_url is None
 
     @property
     def uses_dev_temporal(self) -> bool:

@@ -27,7 +27,13 @@ from rich.panel import Panel
 from rich.table import Table
 
 from paysaga import migrate
-from paysaga.db import DatabaseUrls, database_urls
+from paysaga.db import (
+    SECRETS_DIR_NAME,
+    DatabaseConfigError,
+    ensure_private_dir,
+    passfile_path,
+    provision_app_login,
+)
 from paysaga.embedded_pg import EmbeddedPostgres
 from paysaga.settings import Settings
 from paysaga.supervisor import ServiceSpec, Supervisor
@@ -35,6 +41,22 @@ from paysaga.temporal import connect, dev_server_argv, ensure_search_attributes
 
 STARTUP_TIMEOUT_S = 90.0
 ALL_SCOPES = "payments:write,payments:read,accounts:write,accounts:read,ops"
+# Every file the stack and its children create is theirs alone: logs, Temporal's
+# SQLite file, run state.
+STACK_UMASK = 0o077
+# Variables through which libpq would hand a service credentials other than its own.
+LIBPQ_CREDENTIAL_VARIABLES = frozenset(
+    {
+        "PGUSER",
+        "PGPASSWORD",
+        "PGPASSFILE",
+        "PGSERVICE",
+        "PGSERVICEFILE",
+        "PGOPTIONS",
+        "PGSSLCERT",
+        "PGSSLKEY",
+    }
+)
 
 
 class StackError(Exception):
@@ -102,12 +124,34 @@ def exclusive_data_dir(data_dir: Path) -> Iterator[None]:
         yield
 
 
-def service_env(settings: Settings, urls: DatabaseUrls) -> dict[str, str]:
-    """Children run against exactly the servers the supervisor started or was given."""
-    env = dict(os.environ)
+def secure_data_dir(data: Path) -> None:
+    """The data directory and what the stack keeps in it are private: directories 0700,
+    files 0600 (the embedded cluster then opens the data directory to its server's user
+    alone). Nothing above the data directory changes."""
+    ensure_private_dir(data)
+    for name in ("logs", "run"):
+        ensure_private_dir(data / name)
+        for path in (data / name).iterdir():
+            if path.is_file() and not path.is_symlink():
+                path.chmod(0o600)
+    # Made by older versions with the default umask, and world-readable.
+    for path in data.glob("temporal.sqlite*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o600)
+
+
+def service_env(settings: Settings, app_url: str) -> dict[str, str]:
+    """Children run against exactly the servers the supervisor started or was given, and
+    hold only the application role's login: never DATABASE_URL, nor any other way to
+    the owner's credentials."""
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if name != "DATABASE_URL" and name not in LIBPQ_CREDENTIAL_VARIABLES
+    }
     env.update(
         {
-            "DATABASE_URL": urls.owner_url,
+            "DATABASE_APP_URL": app_url,
             "TEMPORAL_ADDRESS": settings.temporal_target,
             "TEMPORAL_NAMESPACE": settings.temporal_namespace,
             "PAYSAGA_DATA_DIR": str(settings.data_path),
@@ -116,8 +160,6 @@ def service_env(settings: Settings, urls: DatabaseUrls) -> dict[str, str]:
             "PYTHONUNBUFFERED": "1",
         }
     )
-    if urls.app_url is not None:
-        env["DATABASE_APP_URL"] = urls.app_url
     return env
 
 
@@ -154,7 +196,7 @@ async def _wait_until(check: Callable[[], bool], what: str, timeout_s: float) ->
         await asyncio.sleep(0.1)
 
 
-def banner(settings: Settings, urls: DatabaseUrls, started_s: float) -> Panel:
+def banner(settings: Settings, started_s: float) -> Panel:
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold")
     table.add_column()
@@ -166,7 +208,8 @@ def banner(settings: Settings, urls: DatabaseUrls, started_s: float) -> Panel:
         "Temporal", f"{settings.temporal_target}  namespace {settings.temporal_namespace}"
     )
     where = (
-        f"embedded, socket in {settings.data_path / 'pg'}"
+        f"embedded, in {settings.data_path / 'pg'}, passwords in "
+        f"{settings.data_path / SECRETS_DIR_NAME}"
         if settings.uses_embedded_postgres
         else "external (DATABASE_URL)"
     )
@@ -189,8 +232,18 @@ async def run_stack(settings: Settings, console: Console) -> None:
     """Start everything, print the banner, and run until SIGINT or SIGTERM."""
     started = time.monotonic()
     data = settings.data_path
-    (data / "logs").mkdir(parents=True, exist_ok=True)
+    if settings.database_app_url is not None and settings.database_url is None:
+        raise StackError(
+            "DATABASE_APP_URL is set but DATABASE_URL is not: `paysaga up` needs the schema "
+            "owner's login (DATABASE_URL) to apply migrations. Set it too, or unset "
+            "DATABASE_APP_URL to run the embedded PostgreSQL"
+        )
+    os.umask(STACK_UMASK)
     check_ports_free(settings)
+    try:
+        secure_data_dir(data)
+    except DatabaseConfigError as error:
+        raise StackError(str(error)) from None
     with exclusive_data_dir(data):
         supervisor = Supervisor(
             console=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True),
@@ -212,8 +265,8 @@ async def run_stack(settings: Settings, console: Console) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
         try:
-            urls = await _start_servers(settings, supervisor, console)
-            env = service_env(settings, urls)
+            app_url = await _start_servers(settings, supervisor, console)
+            env = service_env(settings, app_url)
             await supervisor.start(python_service("worker", settings, env))
             # Chains the ledger into blocks, so that deleting any event is detected.
             await supervisor.start(python_service("sealer", settings, env))
@@ -222,11 +275,13 @@ async def run_stack(settings: Settings, console: Console) -> None:
             await supervisor.start(python_service("api", settings, env))
             await _wait_http_ok(f"{settings.api_url}/healthz", STARTUP_TIMEOUT_S)
             ready = True
-            console.print(banner(settings, urls, time.monotonic() - started))
+            console.print(banner(settings, time.monotonic() - started))
             await stop.wait()
             console.print("stopping: api, projector, sealer, worker, temporal, postgres ...")
         except asyncio.CancelledError:
             console.print("start-up interrupted; stopping what was started ...")
+        except DatabaseConfigError as error:
+            raise StackError(str(error)) from None
         finally:
             await supervisor.stop()
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -234,15 +289,21 @@ async def run_stack(settings: Settings, console: Console) -> None:
         console.print("paysaga stopped.")
 
 
-async def _start_servers(
-    settings: Settings, supervisor: Supervisor, console: Console
-) -> DatabaseUrls:
+_CLUSTER_MESSAGES = {
+    "created": "initialised a new cluster (password authentication) in",
+    "upgraded": "upgraded the cluster from trust to password authentication in",
+    "reused": "reusing the cluster in",
+}
+
+
+async def _start_servers(settings: Settings, supervisor: Supervisor, console: Console) -> str:
+    """Start the servers the stack runs itself and migrate. Returns the services' URL."""
     logs = settings.data_path / "logs"
+    role = settings.db_app_role
     if settings.uses_embedded_postgres:
-        pg = EmbeddedPostgres(settings.data_path / "pg", app_role=settings.db_app_role)
-        fresh = not pg.is_initialized
-        console.print(f"postgres | {'initialising' if fresh else 'reusing'} cluster in {pg.pgdata}")
-        await asyncio.to_thread(pg.ensure_initialized)
+        pg = EmbeddedPostgres(settings.data_path / "pg", app_role=role)
+        initialisation = await asyncio.to_thread(pg.ensure_initialized)
+        console.print(f"postgres | {_CLUSTER_MESSAGES[initialisation]} {pg.pgdata}")
         await supervisor.start(
             ServiceSpec(
                 name="postgres",
@@ -256,9 +317,17 @@ async def _start_servers(
         )
         await _wait_until(pg.is_ready, "PostgreSQL", STARTUP_TIMEOUT_S)
         await asyncio.to_thread(pg.bootstrap)
-    urls = database_urls(settings)
-    await asyncio.to_thread(migrate.upgrade, urls.owner_url, settings.db_app_role)
+        owner_url, app_url = pg.owner_url(), pg.app_url()
+    else:
+        assert settings.database_url is not None
+        owner_url, app_url = settings.database_url, settings.database_app_url or ""
+    await asyncio.to_thread(migrate.upgrade, owner_url, role)
     console.print(f"postgres | migrated to revision {migrate.head_revision()}")
+    if not app_url:
+        # The owner's login stays here; the services get one of their own.
+        passfile = passfile_path(settings.data_path / SECRETS_DIR_NAME, role)
+        app_url = await asyncio.to_thread(provision_app_login, owner_url, role, passfile)
+        console.print(f"postgres | services log in as {role}, with the password in {passfile}")
 
     if settings.uses_dev_temporal:
         await supervisor.start(
@@ -273,4 +342,4 @@ async def _start_servers(
     added = await ensure_search_attributes(client, settings.temporal_namespace)
     if added:
         console.print(f"temporal | registered search attributes: {', '.join(added)}")
-    return urls
+    return app_url

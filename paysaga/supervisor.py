@@ -12,6 +12,9 @@ Guarantees, in order of importance:
   logged.
 - **Visibility.** Each child's output goes to its own log file, and optionally to the
   console with a `name |` prefix. The current pids are kept in a state file.
+- **Privacy.** Children start with umask 077, and log files are 0600: what a service
+  writes (Temporal's SQLite file, a log line with a payment in it) is readable by its
+  own user alone.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import io
 import json
 import logging
 import os
@@ -35,17 +39,28 @@ RESTART_BACKOFF_S_MIN = 0.25
 RESTART_BACKOFF_S_MAX = 10.0
 RESTART_BACKOFF_RESET_S = 30.0
 OUTPUT_LINE_BYTES_MAX = 64 * 1024
+CHILD_UMASK = 0o077
+LOG_FILE_MODE = 0o600
 _PR_SET_PDEATHSIG = 1
 
 
-def _parent_death_signal(sig: int) -> Callable[[], None]:
-    """A pre-exec hook: deliver `sig` to the child when the supervisor dies, however it dies."""
+def _child_setup(sig: int) -> Callable[[], None]:
+    """A pre-exec hook: deliver `sig` to the child when the supervisor dies, however it
+    dies, and make every file the child creates private to its user."""
 
     def hook() -> None:
+        os.umask(CHILD_UMASK)
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
 
     return hook
+
+
+def _open_log(path: Path) -> io.BufferedWriter:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, LOG_FILE_MODE)
+    # A log made by an older version may be world-readable.
+    os.fchmod(fd, LOG_FILE_MODE)
+    return os.fdopen(fd, "ab")
 
 
 _CONSOLE_SKIPPED_KEYS = frozenset({"ts", "level", "service", "logger", "msg", "color_message"})
@@ -148,7 +163,7 @@ class Supervisor:
             # Own process group: a Ctrl-C in the terminal reaches only the supervisor,
             # which then stops the services in order.
             process_group=0,
-            preexec_fn=_parent_death_signal(spec.stop_signal),
+            preexec_fn=_child_setup(spec.stop_signal),
             limit=OUTPUT_LINE_BYTES_MAX,
             **kwargs,
         )
@@ -161,7 +176,7 @@ class Supervisor:
         spec = running.spec
         assert process.stdout is not None
         # Appending a line to a local log file is fast enough to do inline.
-        sink = open(spec.log_file, "ab") if spec.log_file else None  # noqa: SIM115, ASYNC230
+        sink = _open_log(spec.log_file) if spec.log_file else None
         try:
             while True:
                 try:

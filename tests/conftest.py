@@ -60,8 +60,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 # --- PostgreSQL -----------------------------------------------------------------------------
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
-    with postgres_server(tmp_path_factory.mktemp("pg")) as server:
+def pg_server() -> Iterator[PostgresServer]:
+    with postgres_server() as server:
         yield server
 
 
@@ -80,7 +80,7 @@ async def app_engine(database: IsolatedDatabase) -> AsyncIterator[AsyncEngine]:
 
 @pytest.fixture
 async def owner_engine(database: IsolatedDatabase) -> AsyncIterator[AsyncEngine]:
-    engine = create_owner_engine(database.urls)
+    engine = create_owner_engine(database.urls.owner_url)
     yield engine
     await engine.dispose()
 

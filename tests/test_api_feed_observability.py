@@ -50,7 +50,7 @@ async def test_the_feed_delivers_a_late_commit_exactly_once_and_in_order(
     await open_account(store, "a")
     delivered = await _drain(api, after_seq=0)
     urls = database.urls
-    with psycopg.connect(to_libpq_url(urls.app_login_url), **urls.app_connect_args()) as held:
+    with psycopg.connect(to_libpq_url(urls.app_url)) as held:
         held_seq = held.execute(
             "SELECT global_seq FROM ledger_append(%s, 'account-held', 'AccountOpened', 1, "
             "%s::jsonb, 'test', NULL, NULL, NULL, NULL)",

@@ -1,18 +1,29 @@
-"""docker-compose.yml cannot run here (no Docker engine), so it is checked by reading it."""
+"""docker-compose.yml cannot run here (no Docker engine), so it is checked by reading it,
+and the script it mounts into PostgreSQL is run against a real one."""
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import shutil
+import subprocess
+import tempfile
 import tomllib
+import uuid
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import typer.main
 import yaml
+from sqlalchemy import make_url
 
+from ledger.db import to_libpq_url
 from paysaga.cli import app
+from paysaga.db import with_login, write_passfile
+from paysaga.embedded_pg import EmbeddedPostgres, bin_dir, stop_server
 from paysaga.settings import Settings
 from workflows.search_attributes import ALL_SEARCH_ATTRIBUTES
 
@@ -122,9 +133,54 @@ def test_ports_match_the_defaults() -> None:
 def test_services_reach_each_other_by_service_name() -> None:
     env = OURS["api"]["environment"]
     assert env["TEMPORAL_ADDRESS"].split(":")[0] in SERVICES
-    for variable in ("DATABASE_URL", "DATABASE_APP_URL"):
-        host = re.search(r"@([^:/]+)", env[variable])
+    for url in (env["DATABASE_APP_URL"], OURS["migrate"]["environment"]["DATABASE_URL"]):
+        host = re.search(r"@([^:/]+)", url)
         assert host is not None and host.group(1) in SERVICES
+
+
+def _long_running(service: dict[str, Any]) -> bool:
+    return service.get("restart") != "on-failure"
+
+
+def test_only_the_migration_job_holds_the_owners_login() -> None:
+    holders = {name for name, svc in OURS.items() if "DATABASE_URL" in svc.get("environment", {})}
+    assert holders == {"migrate"}
+    assert _command(OURS["migrate"]) == ["paysaga", "db", "upgrade"]
+    assert not _long_running(OURS["migrate"])
+
+
+@pytest.mark.parametrize("name", sorted(name for name, svc in OURS.items() if _long_running(svc)))
+def test_each_long_running_service_logs_in_as_the_application_role(name: str) -> None:
+    env = OURS[name].get("environment", {})
+    assert "DATABASE_URL" not in env, f"{name} holds the owner's login"
+    app_url = make_url(env["DATABASE_APP_URL"])
+    assert app_url.username == DEFAULTS.db_app_role
+    assert app_url.database == SERVICES["postgres"]["environment"]["POSTGRES_DB"]
+
+
+def test_the_services_role_is_made_with_a_login_and_a_password_from_the_environment() -> None:
+    assert {"worker", "api", "projector"} <= {n for n, s in OURS.items() if _long_running(s)}
+    mount = next(v for v in SERVICES["postgres"]["volumes"] if "docker-entrypoint-initdb.d" in v)
+    script = (ROOT / mount.split(":")[0]).read_text()
+    assert f"CREATE ROLE {DEFAULTS.db_app_role} LOGIN PASSWORD :'app_password'" in script
+    assert "\\getenv app_password POSTGRES_APP_PASSWORD" in script
+    assert SERVICES["postgres"]["environment"]["POSTGRES_APP_PASSWORD"].startswith("${")
+
+
+def test_no_password_is_written_in_the_file() -> None:
+    """Every password comes from the environment of `docker compose up`."""
+    urls = [
+        value
+        for svc in OURS.values()
+        for key, value in svc.get("environment", {}).items()
+        if key in ("DATABASE_URL", "DATABASE_APP_URL")
+    ]
+    assert urls
+    for url in urls:
+        password = make_url(url).password
+        assert password is not None and str(password).startswith("${"), url
+    for service, key in (("postgres", "POSTGRES_PASSWORD"), ("temporal", "POSTGRES_PWD")):
+        assert SERVICES[service]["environment"][key].startswith("${")
 
 
 def test_files_mounted_from_the_repo_exist() -> None:
@@ -165,3 +221,38 @@ def test_the_command_check_rejects_what_is_not_a_command() -> None:
     assert not _resolves(["paysaga", "db"])  # a group, not something that runs
     assert not _resolves(["python", "worker.py"])
     assert _resolves(["paysaga", "db", "downgrade", "base"])
+
+
+def test_the_init_script_gives_the_services_role_a_login_with_its_own_password(
+    tmp_path: Path,
+) -> None:
+    """Run as the postgres image runs it: psql on PATH, POSTGRES_* in the environment."""
+    mount = next(v for v in SERVICES["postgres"]["volumes"] if "docker-entrypoint-initdb.d" in v)
+    script = ROOT / mount.split(":")[0]
+    workdir = Path(tempfile.mkdtemp(prefix="paysaga-compose-"))
+    pg = EmbeddedPostgres(workdir / "pg")  # a bare cluster: no paysaga role exists yet
+    process = pg.start()
+    try:
+        env = {
+            "PATH": f"{bin_dir()}:{os.environ['PATH']}",
+            "PGHOST": str(pg.socket_dir),
+            "PGPASSFILE": str(pg.passfile("postgres")),
+            "POSTGRES_USER": "postgres",
+            "POSTGRES_DB": "postgres",
+        }
+        without = subprocess.run(["sh", str(script)], env=env, capture_output=True, text=True)
+        assert without.returncode != 0
+
+        password = uuid.uuid4().hex
+        env["POSTGRES_APP_PASSWORD"] = password
+        made = subprocess.run(["sh", str(script)], env=env, capture_output=True, text=True)
+        assert made.returncode == 0, made.stderr
+        role = DEFAULTS.db_app_role
+        passfile = tmp_path / "app.pgpass"
+        write_passfile(passfile, role, password)
+        url = with_login(pg.url("postgres", "postgres"), role, passfile)
+        with psycopg.connect(to_libpq_url(url)) as conn:
+            assert conn.execute("SELECT current_user").fetchone() == (role,)
+    finally:
+        stop_server(process)
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -223,7 +223,7 @@ async def test_nothing_is_sealed_past_an_append_that_has_not_committed(
     await open_account(store, "alice")
     await seal_until_everything_is_sealed(store)
     urls = database.urls
-    with psycopg.connect(to_libpq_url(urls.app_login_url), **urls.app_connect_args()) as held:
+    with psycopg.connect(to_libpq_url(urls.app_url)) as held:
         held_seq = held.execute(
             "SELECT global_seq FROM ledger_append(%s, 'account-held', 'AccountOpened', 1, "
             "%s::jsonb, 'test', NULL, NULL, NULL, NULL)",
@@ -273,9 +273,7 @@ async def test_the_application_role_cannot_write_or_lock_the_seal(
     sealed: dict[str, Payment], database: IsolatedDatabase
 ) -> None:
     urls = database.urls
-    with psycopg.connect(
-        to_libpq_url(urls.app_login_url), autocommit=True, **urls.app_connect_args()
-    ) as conn:
+    with psycopg.connect(to_libpq_url(urls.app_url), autocommit=True) as conn:
         for statement in (
             "DELETE FROM ledger_blocks",
             "INSERT INTO ledger_horizon_marks VALUES ('1'::xid8, 1000000)",

@@ -326,10 +326,7 @@ async def test_each_stream_is_a_hash_chain(accounts: EventStore) -> None:
 
 # --- immutability, enforced by PostgreSQL ---------------------------------------------------
 def _app_connection(database: IsolatedDatabase) -> psycopg.Connection[tuple[object, ...]]:
-    urls = database.urls
-    return psycopg.connect(
-        to_libpq_url(urls.app_login_url), autocommit=True, **urls.app_connect_args()
-    )
+    return psycopg.connect(to_libpq_url(database.urls.app_url), autocommit=True)
 
 
 @pytest.mark.parametrize(

@@ -41,9 +41,7 @@ APPEND = (
 @contextmanager
 def app_connection(urls: DatabaseUrls) -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
     """A raw session as the application role, as a compromised service would hold."""
-    with psycopg.connect(
-        to_libpq_url(urls.app_login_url), autocommit=True, **urls.app_connect_args()
-    ) as conn:
+    with psycopg.connect(to_libpq_url(urls.app_url), autocommit=True) as conn:
         yield conn
 
 

@@ -61,9 +61,7 @@ def test_upgrading_twice_changes_nothing(empty_database) -> None:
 
 
 def test_the_application_role_can_read_but_not_write_api_keys(database) -> None:
-    app = database.urls
-    kwargs = app.app_connect_args()
-    with psycopg.connect(to_libpq_url(app.app_login_url), **kwargs) as conn:
+    with psycopg.connect(to_libpq_url(database.urls.app_url)) as conn:
         conn.execute("SELECT count(*) FROM api_keys")
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute(

@@ -49,6 +49,14 @@ def test_external_servers_come_from_their_conventional_variables(
     assert settings.data_path == Path("/var/lib/paysaga")
 
 
+def test_the_services_login_alone_does_not_mean_the_embedded_server(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = load(monkeypatch, DATABASE_APP_URL="postgresql://paysaga_app@db.internal/paysaga")
+    assert not settings.uses_embedded_postgres
+    assert settings.database_url is None
+
+
 def test_settings_are_read_from_a_dotenv_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
+import stat
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,8 +17,11 @@ import httpx
 import psycopg
 import pytest
 from psycopg import sql
+from sqlalchemy import make_url
 from temporalio.testing import WorkflowEnvironment
 
+from paysaga.db import read_passfile
+from paysaga.embedded_pg import EmbeddedPostgres
 from paysaga.temporal import find_binary
 from tests.harness.postgres import PostgresServer
 from tests.harness.stack import RunningStack, paysaga, wait_all_gone
@@ -23,20 +29,81 @@ from workflows.search_attributes import ALL_SEARCH_ATTRIBUTES
 
 pytestmark = pytest.mark.slow
 
+PYTHON_SERVICES = ("worker", "sealer", "projector", "api")
 SYSTEM_POSTGRES_URL = os.environ.get(
     "PAYSAGA_TEST_SYSTEM_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 
 
 @pytest.fixture
-def stack(tmp_path: Path) -> Iterator[RunningStack]:
-    running = RunningStack.new(tmp_path / "data")
+def stack() -> Iterator[RunningStack]:
+    # Not pytest's tmp_path: it is private to us, and PostgreSQL's OS user (when we are
+    # root) must pass through. This directory is ours to open; the data directory inside
+    # is deep enough that the socket needs the fallback directory under /tmp.
+    root = Path(tempfile.mkdtemp(prefix="paysaga-stack-"))
+    root.chmod(0o711)
+    running = RunningStack.new(root / f"data-{'d' * 60}")
     yield running
     if running.process is not None and running.process.poll() is None:
         running.stop(signal.SIGKILL)
+    shutil.rmtree(EmbeddedPostgres(running.data_dir / "pg").socket_dir, ignore_errors=True)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _modes(paths: Iterator[Path] | list[Path]) -> dict[Path, tuple[int, int, int]]:
+    return {p: (p.stat().st_mode, p.stat().st_uid, p.stat().st_gid) for p in paths}
+
+
+def _assert_private(stack: RunningStack) -> None:
+    """The data directory lets PostgreSQL's user through and nobody else; everything in
+    it, and the socket directory, belongs to its owner alone."""
+    data = stack.data_dir
+    pg = EmbeddedPostgres(data / "pg")
+    server = pg.server_user()
+    server_uid = server.uid if server is not None else os.geteuid()
+    data_st = data.stat()
+    if server is not None:
+        assert (stat.S_IMODE(data_st.st_mode), data_st.st_gid) == (0o710, server.gid)
+    else:
+        assert stat.S_IMODE(data_st.st_mode) == 0o700
+    for path in data.rglob("*"):
+        mode = stat.S_IMODE(path.lstat().st_mode)
+        assert mode & 0o077 == 0, f"{path} is open to others: {mode:04o}"
+    for directory in (pg.pgdata, pg.socket_dir, pg.secrets_dir, data / "logs", data / "run"):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
+    assert pg.socket_dir != pg.pgdata, "this data directory needs the fallback socket directory"
+    assert pg.pgdata.stat().st_uid == pg.socket_dir.stat().st_uid == server_uid
+    for role in ("postgres", "paysaga_owner", "paysaga_app"):
+        assert stat.S_IMODE(pg.passfile(role).stat().st_mode) == 0o600
+    private_files = [data / "temporal.sqlite", *(data / "logs").iterdir()]
+    assert {p.name for p in private_files} >= {"temporal.sqlite", "worker.log", "api.log"}
+    for path in private_files:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+
+
+def _assert_services_hold_only_their_own_login(stack: RunningStack) -> None:
+    """What each service was started with: the application role's URL, with no password
+    in it, and nothing of the owner's or the superuser's."""
+    pg = EmbeddedPostgres(stack.data_dir / "pg")
+    passwords = [read_passfile(path) for path in pg.secrets_dir.iterdir()]
+    assert len(passwords) == 3 and all(passwords)
+    for service in PYTHON_SERVICES:
+        raw = Path(f"/proc/{stack.pid(service)}/environ").read_bytes()
+        environ = dict(entry.decode().split("=", 1) for entry in raw.split(b"\0") if b"=" in entry)
+        assert "DATABASE_URL" not in environ, service
+        app_url = make_url(environ["DATABASE_APP_URL"])
+        assert (app_url.username, app_url.password) == ("paysaga_app", None)
+        for secret in (*passwords, pg.owner_url(), "paysaga_owner", "postgres.pgpass"):
+            assert str(secret).encode() not in raw, f"{service} holds {secret!r:.20}"
+    with psycopg.connect(pg.superuser_url(), autocommit=True) as conn:
+        logins = conn.execute(
+            "SELECT DISTINCT usename FROM pg_stat_activity WHERE datname = 'paysaga'"
+        ).fetchall()
+    assert logins == [("paysaga_app",)]
 
 
 def test_up_runs_heals_stops_cleanly_and_keeps_its_data(stack: RunningStack) -> None:
+    ancestors = _modes(list(stack.data_dir.parents))
     startup_s = stack.start()
     print(f"paysaga up ready in {startup_s:.1f} s")
     ready = httpx.get(f"{stack.api_url}/readyz").json()
@@ -47,6 +114,8 @@ def test_up_runs_heals_stops_cleanly_and_keeps_its_data(stack: RunningStack) -> 
     assert httpx.get(f"{stack.api_url}/docs").status_code == 200
     assert "paysaga_http_requests" in httpx.get(f"{stack.api_url}/metrics").text
     assert httpx.get(f"http://127.0.0.1:{stack.ui_port}/").status_code == 200
+    _assert_private(stack)
+    _assert_services_hold_only_their_own_login(stack)
 
     listed = paysaga_temporal("operator", "search-attribute", "list", stack=stack)
     for attribute in ALL_SEARCH_ATTRIBUTES:
@@ -100,6 +169,8 @@ def test_up_runs_heals_stops_cleanly_and_keeps_its_data(stack: RunningStack) -> 
     tree = stack.process_tree()
     assert stack.stop(signal.SIGINT) == 0
     assert wait_all_gone(tree) == [], "orphans left after Ctrl-C"
+    _assert_private(stack)
+    assert _modes(list(stack.data_dir.parents)) == ancestors, "paysaga up changed a parent"
 
 
 def stack_log(stack: RunningStack) -> str:
@@ -160,7 +231,8 @@ def _system_postgres_reachable() -> bool:
 def test_up_runs_against_external_postgres_and_temporal(
     server: str, tmp_path: Path, pg_server: PostgresServer, temporal_env: WorkflowEnvironment
 ) -> None:
-    """DATABASE_URL and TEMPORAL_ADDRESS: the supervisor starts only our own services."""
+    """DATABASE_URL and TEMPORAL_ADDRESS: the supervisor starts only our own services, and
+    gives them a login of the application role's own, never DATABASE_URL."""
     if server == "system":
         if not _system_postgres_reachable():
             pytest.skip(f"no system PostgreSQL at {SYSTEM_POSTGRES_URL}")
@@ -168,6 +240,9 @@ def test_up_runs_against_external_postgres_and_temporal(
     else:
         admin_url = pg_server.admin_url
     name = f"paysaga_ext_{uuid.uuid4().hex[:8]}"
+    # A role of this test's own: provisioning sets its password, which must not change
+    # the password of the role the rest of the suite logs in as.
+    app_role = f"paysaga_app_{uuid.uuid4().hex[:8]}"
     from ledger.db import to_libpq_url, with_database
 
     with psycopg.connect(to_libpq_url(admin_url), autocommit=True) as conn:
@@ -178,6 +253,7 @@ def test_up_runs_against_external_postgres_and_temporal(
         stack = RunningStack.new(
             tmp_path / "data",
             DATABASE_URL=database_url,
+            PAYSAGA_DB_APP_ROLE=app_role,
             TEMPORAL_ADDRESS=temporal_env.client.service_client.config.target_host,
         )
         stack.start()
@@ -186,6 +262,15 @@ def test_up_runs_against_external_postgres_and_temporal(
             assert ready["status"] == "ready", ready
             assert set(stack.state()) == {"worker", "sealer", "projector", "api"}
             assert not (tmp_path / "data" / "pg").exists()
+            for service in PYTHON_SERVICES:
+                environ = Path(f"/proc/{stack.pid(service)}/environ").read_bytes()
+                assert b"DATABASE_URL=" not in environ.replace(b"DATABASE_APP_URL=", b"")
+                assert f"DATABASE_APP_URL=postgresql://{app_role}@".encode() in environ
+            with psycopg.connect(to_libpq_url(admin_url), autocommit=True) as conn:
+                logins = conn.execute(
+                    "SELECT DISTINCT usename FROM pg_stat_activity WHERE datname = %s", (name,)
+                ).fetchall()
+            assert logins == [(app_role,)]
             created = paysaga("apikey", "create", "--name", "ext", "--scopes", "ops", env=stack.env)
             assert created.returncode == 0, created.stderr
             print(f"external PostgreSQL {version}")
@@ -194,3 +279,4 @@ def test_up_runs_against_external_postgres_and_temporal(
     finally:
         with psycopg.connect(to_libpq_url(admin_url), autocommit=True) as conn:
             conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(app_role)))

@@ -3,12 +3,19 @@
 Migrations run once per session, into a template database. Each test then gets
 `CREATE DATABASE ... TEMPLATE`, a file-level copy that takes milliseconds, so tests
 cannot see each other's rows and never pay for migrations again.
+
+Every test logs in as the services do: the application role with a password of its
+own, from a libpq password file. The embedded server lives in a directory the harness
+makes under the system's temporary directory, which its OS user can reach without
+any change to directories the harness does not own.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,7 +28,7 @@ from sqlalchemy import make_url
 
 from ledger.db import to_libpq_url, with_database
 from paysaga import migrate
-from paysaga.db import DatabaseUrls
+from paysaga.db import DatabaseUrls, passfile_path, provision_app_login
 from paysaga.embedded_pg import EmbeddedPostgres, stop_server
 
 APP_ROLE = "paysaga_app"
@@ -44,10 +51,13 @@ class IsolatedDatabase:
 class PostgresServer:
     """Either the embedded server (started here) or an external one (DATABASE_URL)."""
 
-    def __init__(self, admin_url: str, owner_url: str, owner_login_has_app_url: bool) -> None:
+    def __init__(
+        self, admin_url: str, owner_url: str, app_url: str, embedded: EmbeddedPostgres | None
+    ) -> None:
         self.admin_url = admin_url
         self.owner_url = owner_url
-        self._app_login = owner_login_has_app_url
+        self.app_url = app_url
+        self.embedded = embedded
         self.template = f"paysaga_tmpl_{os.getpid()}_{uuid.uuid4().hex[:6]}"
         self.version = ""
 
@@ -55,12 +65,12 @@ class PostgresServer:
         return psycopg.connect(to_libpq_url(self.admin_url), autocommit=True)
 
     def urls_for(self, database: str) -> DatabaseUrls:
-        owner = with_database(self.owner_url, database).render_as_string(hide_password=False)
-        app_url = None
-        if self._app_login:
-            app = make_url(owner).set(username=APP_ROLE, password=None)
-            app_url = app.render_as_string(hide_password=False)
-        return DatabaseUrls(owner_url=owner, app_url=app_url, app_role=APP_ROLE)
+        def on(url: str) -> str:
+            return with_database(url, database).render_as_string(hide_password=False)
+
+        return DatabaseUrls(
+            owner_url=on(self.owner_url), app_url=on(self.app_url), app_role=APP_ROLE
+        )
 
     @property
     def owner(self) -> str:
@@ -109,29 +119,36 @@ class PostgresServer:
 
 
 @contextmanager
-def postgres_server(workdir: Path) -> Iterator[PostgresServer]:
-    """The server for this session, with the migrated template database in place."""
+def postgres_server(workdir: Path | None = None) -> Iterator[PostgresServer]:
+    """The server for this session, with the migrated template database in place.
+
+    Its files go to `workdir` (which the server's OS user must be able to reach), or to
+    a directory of its own, removed at the end.
+    """
+    owns_workdir = workdir is None
+    if workdir is None:
+        workdir = Path(tempfile.mkdtemp(prefix="paysaga-test-pg-"))
     external = os.environ.get("DATABASE_URL")
     process: subprocess.Popen[bytes] | None = None
-    if external:
-        server = PostgresServer(external, external, owner_login_has_app_url=False)
-        with server.admin() as conn:
-            conn.execute(
-                sql.SQL(
-                    "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = {role}) "
-                    "THEN CREATE ROLE {ident} NOLOGIN; END IF; END $$"
-                ).format(role=sql.Literal(APP_ROLE), ident=sql.Identifier(APP_ROLE))
-            )
-    else:
-        pg = EmbeddedPostgres(workdir / "pgdata", app_role=APP_ROLE, settings=TEST_SERVER_SETTINGS)
-        process = pg.start(log_path=workdir / "postgres.log")
-        pg.bootstrap()
-        server = PostgresServer(pg.superuser_url(), pg.owner_url(), owner_login_has_app_url=True)
     try:
-        server.create_template()
-        yield server
+        if external:
+            # The services' role gets a login and a password of its own there too.
+            passfile = passfile_path(workdir / "secrets", APP_ROLE)
+            app_url = provision_app_login(external, APP_ROLE, passfile)
+            server = PostgresServer(external, external, app_url, embedded=None)
+        else:
+            pg = EmbeddedPostgres(workdir / "pg", app_role=APP_ROLE, settings=TEST_SERVER_SETTINGS)
+            process = pg.start(log_path=workdir / "postgres.log")
+            pg.bootstrap()
+            server = PostgresServer(pg.superuser_url(), pg.owner_url(), pg.app_url(), embedded=pg)
+        try:
+            server.create_template()
+            yield server
+        finally:
+            if process is None:
+                server.drop_database(server.template)
     finally:
         if process is not None:
             stop_server(process)
-        else:
-            server.drop_database(server.template)
+        if owns_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)

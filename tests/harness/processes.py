@@ -19,8 +19,10 @@ READY_TIMEOUT_S = 30.0
 
 
 def service_env(settings: Settings, **extra: str) -> dict[str, str]:
-    env = clean_env(
-        DATABASE_URL=str(settings.database_url),
+    """What `paysaga up` gives a service: the application role's login, never the owner's."""
+    assert settings.database_app_url is not None
+    return clean_env(
+        DATABASE_APP_URL=settings.database_app_url,
         TEMPORAL_ADDRESS=settings.temporal_target,
         TEMPORAL_NAMESPACE=settings.temporal_namespace,
         PAYSAGA_TASK_QUEUE=settings.task_queue,
@@ -29,9 +31,6 @@ def service_env(settings: Settings, **extra: str) -> dict[str, str]:
         PAYSAGA_LOG_LEVEL="WARNING",
         **extra,
     )
-    if settings.database_app_url:
-        env["DATABASE_APP_URL"] = settings.database_app_url
-    return env
 
 
 def start_api(env: dict[str, str]) -> subprocess.Popen[bytes]:
