@@ -174,6 +174,38 @@ def sealer() -> None:
 
 
 @app.command()
+def sweep() -> None:
+    """Sweep now: repair open payments whose workflow is gone; print what was repaired.
+
+    The same sweep the schedule runs every PAYSAGA_SWEEP_INTERVAL_S, on the task queue,
+    so a worker must be running.
+    """
+    import uuid
+    from datetime import timedelta
+
+    from paysaga.temporal import connect
+    from workflows.models import SweepReport, SweepRequest
+    from workflows.sweeper import SweeperWorkflow
+
+    settings = _settings()
+
+    async def run() -> SweepReport:
+        client = await connect(settings, timeout_s=10)
+        report: SweepReport = await client.execute_workflow(
+            SweeperWorkflow.run,
+            SweepRequest(idle_s=settings.sweep_idle_s),
+            id=f"{settings.task_queue}-sweep-now-{uuid.uuid4().hex[:8]}",
+            task_queue=settings.task_queue,
+            execution_timeout=timedelta(minutes=15),
+        )
+        return report
+
+    report = asyncio.run(run())
+    err.print(f"checked {report.checked} open payment(s), repaired {len(report.repaired)}")
+    typer.echo(report.model_dump_json())
+
+
+@app.command()
 def ping() -> None:
     """Run a diagnostic workflow through the task queue: proves a worker is serving it."""
     import uuid

@@ -3,38 +3,49 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import random
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from temporalio.client import Client
+from temporalio.service import RPCError
 
 from ledger.store import EventStore
+from ledger.verify import check_ledger, verify_chain
 from paysaga.settings import Settings
 from tests.harness.ledger import fund, open_account
 from tests.harness.saga import TEST_POLICY, Payments, wait_for, wait_for_state
 from tests.harness.stack import clean_env
+from worker import sweeper_schedule_id
 from workflows.payment import PaymentWorkflow
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def worker_processes(settings: Settings) -> Iterator[list[subprocess.Popen[bytes]]]:
+async def worker_processes(
+    settings: Settings, temporal_client: Client
+) -> AsyncIterator[list[subprocess.Popen[bytes]]]:
     started: list[subprocess.Popen[bytes]] = []
     yield started
     for process in started:
         process.kill()
         process.wait()
+    # A real worker creates its queue's sweeper schedule; the test's queue dies with it.
+    with contextlib.suppress(RPCError):
+        await temporal_client.get_schedule_handle(sweeper_schedule_id(settings.task_queue)).delete()
 
 
 def _start_worker(
     settings: Settings, started: list[subprocess.Popen[bytes]]
 ) -> subprocess.Popen[bytes]:
+    # A service gets the application role's login, never the owner's.
     env = clean_env(
-        DATABASE_URL=str(settings.database_url),
         TEMPORAL_ADDRESS=settings.temporal_target,
         TEMPORAL_NAMESPACE=settings.temporal_namespace,
         PAYSAGA_TASK_QUEUE=settings.task_queue,
@@ -121,3 +132,65 @@ async def test_sigterm_lets_an_in_flight_activity_finish(
     assert outcome.status == "SETTLED"
     # One authorization, not retried: the first worker finished it before leaving.
     assert await payments.processor_calls(payment_id) == [("authorize", "authorized")]
+
+
+@pytest.mark.timeout(420)
+async def test_a_worker_killed_again_and_again_never_leaves_the_processor_at_odds_with_the_ledger(
+    store: EventStore,
+    settings: Settings,
+    temporal_client: Client,
+    worker_processes: list[subprocess.Popen[bytes]],
+) -> None:
+    """Row 14: with two workers killed (SIGKILL) time and again while payments run, the
+    retried workflow tasks re-ran local ledger steps, which once computed new payloads,
+    conflicted, compensated and voided settled payments at the processor."""
+    await open_account(store, "alice")
+    await open_account(store, "bob", kind="merchant")
+    await fund(store, "alice", 60_000)
+    payments = Payments(temporal_client, store, settings.task_queue)
+    workers = [_start_worker(settings, worker_processes) for _ in range(2)]
+    policy = TEST_POLICY.model_copy(
+        update={"processor_heartbeat_s": 1, "processor_attempts_max": 5}
+    )
+    chooser = random.Random(14)
+    handles = []
+    for index in range(40):
+        amount = chooser.choice([500, 900, 1_200, 5_000])  # some are beyond alice's balance
+        metadata: dict[str, Any] = chooser.choice(
+            [{}, {}, {"simulate": "flaky"}, {"simulate": "decline"}]
+        )
+        if index % 5 == 0:
+            metadata = {"simulate": "slow", "simulate_delay_s": 2}
+        handles.append(
+            await payments.start("alice", "bob", amount, metadata=metadata, policy=policy)
+        )
+        if index % 5 == 4:
+            victim = workers.pop(0)
+            victim.send_signal(signal.SIGKILL)
+            victim.wait()
+            await asyncio.sleep(chooser.uniform(0.1, 0.6))
+            workers.append(_start_worker(settings, worker_processes))
+    kills = 40 // 5
+    outcomes = [await handle.result() for handle in handles]
+
+    settled = 0
+    for outcome in outcomes:
+        payment_id = outcome.payment_id
+        head = await store.stream_head(f"payment-{payment_id}")
+        assert head is not None and head.closed, (payment_id, head)
+        authorization = await payments.authorization_status(payment_id)
+        voids = [c for c in await payments.processor_calls(payment_id) if c == ("void", "voided")]
+        if head.state == "settled":
+            settled += 1
+            assert outcome.status == "SETTLED"
+            assert (authorization, voids) == ("authorized", []), payment_id
+        else:
+            assert authorization in (None, "voided", "fenced"), (payment_id, authorization)
+            assert len(voids) <= 1, (payment_id, voids)
+    assert settled >= 10, f"only {settled} of 40 settled: the test proved little"
+    assert kills == 8
+    alice, bob = await store.get_position("alice"), await store.get_position("bob")
+    assert (alice.debits_pending, bob.credits_pending) == (0, 0)
+    assert alice.posted_minor + bob.posted_minor == 60_000
+    for report in (await verify_chain(store.engine), await check_ledger(store.engine)):
+        assert report.ok, report.lines()

@@ -9,6 +9,7 @@ import signal
 import socket
 import stat
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -131,6 +132,7 @@ def test_up_runs_heals_stops_cleanly_and_keeps_its_data(stack: RunningStack) -> 
 
     first_ping = paysaga("ping", env=stack.env)
     assert first_ping.returncode == 0, first_ping.stderr
+    _assert_the_sealer_and_the_sweeper_run(stack)
     # A workflow left in flight (no worker polls its queue) must survive a restart.
     paysaga_temporal(
         "workflow",
@@ -171,6 +173,46 @@ def test_up_runs_heals_stops_cleanly_and_keeps_its_data(stack: RunningStack) -> 
     assert wait_all_gone(tree) == [], "orphans left after Ctrl-C"
     _assert_private(stack)
     assert _modes(list(stack.data_dir.parents)) == ancestors, "paysaga up changed a parent"
+
+
+SEAL_DEADLINE_S = 10.0  # the issue's bound: sealed within 10 seconds of a commit
+
+
+def _assert_the_sealer_and_the_sweeper_run(stack: RunningStack) -> None:
+    """The supervised sealer seals a commit within SEAL_DEADLINE_S; the worker created the
+    sweeper's schedule, and `paysaga sweep` runs one now."""
+    created = paysaga(
+        "apikey", "create", "--name", "treasury", "--scopes", "accounts:write,ops", env=stack.env
+    )
+    assert created.returncode == 0, created.stderr
+    opened = httpx.post(
+        f"{stack.api_url}/v1/accounts",
+        json={"id": "world", "currency": "EUR", "kind": "external", "overdraft_limit_minor": None},
+        headers={
+            "Authorization": f"Bearer {created.stdout.strip()}",
+            "Idempotency-Key": str(uuid.uuid4()),
+        },
+    )
+    assert opened.status_code == 201, opened.text
+    committed_seq = opened.json()["position"]["as_of_seq"]
+    deadline = time.monotonic() + SEAL_DEADLINE_S
+    sealed_seq = 0
+    while sealed_seq < committed_seq and time.monotonic() < deadline:
+        digest = paysaga("ledger", "digest", env=stack.env)
+        if digest.returncode == 0:
+            sealed_seq = int(digest.stdout.split(":")[0])
+        time.sleep(0.2)
+    assert sealed_seq >= committed_seq, f"not sealed within {SEAL_DEADLINE_S} s"
+    verified = paysaga("ledger", "verify", "--digest", digest.stdout.strip(), env=stack.env)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+    schedule = paysaga_temporal(
+        "schedule", "describe", "--schedule-id", "payments-sweeper", stack=stack
+    )
+    assert "SweeperWorkflow" in schedule
+    swept = paysaga("sweep", env=stack.env)
+    assert swept.returncode == 0, swept.stderr
+    assert json.loads(swept.stdout)["repaired"] == []
 
 
 def stack_log(stack: RunningStack) -> str:

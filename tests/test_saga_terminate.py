@@ -1,0 +1,227 @@
+"""`temporal workflow terminate` at every state, then one sweep: the payment is repaired.
+
+Row 6 of issue 8: a payment terminated from the UI in PENDING_APPROVAL or RESERVED got
+no terminal event, ever; the hold and the processor's authorization stayed; `ledger
+verify` and `ledger check` said OK; and cancel answered 409. Now the API tells the
+truth while the repair is pending, and within one sweep each payment ends FAILED,
+with no hold and its authorization voided exactly once (or fenced, if it had none).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import Client, WorkflowHandle
+
+from api.app import create_app
+from ledger.store import EventStore
+from ledger.verify import check_ledger, verify_chain
+from paysaga.settings import Settings
+from tests.harness.api import Api, make_keys, serve
+from tests.harness.ledger import fund, open_account
+from tests.harness.operators import Gate, gated_worker, sweep, temporal_cli
+from tests.harness.saga import TEST_POLICY, Payments, wait_for, wait_for_state
+from workflows.models import PaymentOutcome
+from workflows.payment import PaymentWorkflow
+
+pytestmark = pytest.mark.slow
+
+APPROVAL = TEST_POLICY.model_copy(update={"approval_threshold_minor": 5_000})
+
+
+@pytest.fixture
+async def bank(store: EventStore) -> AsyncIterator[EventStore]:
+    await open_account(store, "alice")
+    await open_account(store, "bob", kind="merchant")
+    await fund(store, "alice", 500_000)
+    yield store
+    for report in (await verify_chain(store.engine), await check_ledger(store.engine)):
+        assert report.ok, report.lines()
+
+
+async def _park(
+    payments: Payments, gate: Gate, state: str
+) -> WorkflowHandle[PaymentWorkflow, PaymentOutcome]:
+    """A payment left standing in `state`."""
+    if state == "INITIATED":
+        handle = await payments.start(
+            "alice", "bob", 1_000, metadata={"simulate": "slow", "simulate_delay_s": 60}
+        )
+        await wait_for_state(handle, lambda s: "processor" in (s.waiting_for or ""))
+    elif state == "PENDING_APPROVAL":
+        handle = await payments.start("alice", "bob", 6_000, policy=APPROVAL)
+        await wait_for_state(handle, lambda s: s.status == "PENDING_APPROVAL")
+    else:
+        handle = await payments.start("alice", "bob", 1_000)
+        await gate.reached.wait()
+        await wait_for_state(handle, lambda s: s.status == state)
+    return handle
+
+
+# The state to terminate in -> the step held open meanwhile, and the ledger's events
+# once repaired.
+CASES = {
+    "INITIATED": ("none", ["PaymentInitiated", "PaymentFailed"]),
+    "AUTHORIZED": (
+        "reserve",
+        ["PaymentInitiated", "PaymentAuthorized", "AuthorizationVoided", "PaymentFailed"],
+    ),
+    "PENDING_APPROVAL": (
+        "none",
+        [
+            "PaymentInitiated",
+            "PaymentAuthorized",
+            "ApprovalRequested",
+            "AuthorizationVoided",
+            "PaymentFailed",
+        ],
+    ),
+    "RESERVED": (
+        "settle",
+        [
+            "PaymentInitiated",
+            "PaymentAuthorized",
+            "FundsReserved",
+            "FundsReleased",
+            "AuthorizationVoided",
+            "PaymentFailed",
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("state", list(CASES))
+async def test_a_terminated_payment_is_repaired_within_one_sweep(
+    temporal_client: Client,
+    bank: EventStore,
+    settings: Settings,
+    task_queue: str,
+    owner_engine: AsyncEngine,
+    state: str,
+) -> None:
+    held_step, events = CASES[state]
+    gate = Gate(held_step)
+    async with gated_worker(temporal_client, bank, settings, task_queue, gate) as payments:
+        handle = await _park(payments, gate, state)
+        payment_id = handle.id.removeprefix("payment-")
+        temporal_cli(
+            temporal_client,
+            "workflow",
+            "terminate",
+            "--workflow-id",
+            handle.id,
+            "--reason",
+            "operator pulled the plug",
+        )
+        identity = await _terminating_identity(handle)
+
+        # While the repair is pending, reads say what the ledger says, and that the
+        # workflow is gone; cancel cannot reach it and says why.
+        keys = await make_keys(owner_engine, settings.api_key_secret.get_secret_value())
+        app = create_app(settings, store=bank, temporal_client=temporal_client)
+        async with serve(app) as http:
+            api = Api(http, keys)
+            read = (await api.get(f"/v1/payments/{payment_id}")).json()
+            assert read["status"] == state
+            assert read["workflow_status"] == "TERMINATED"
+            assert read["repair_pending"] is True
+            cancel = await api.post(f"/v1/payments/{payment_id}/cancel", idempotency_key=None)
+            assert cancel.status_code == 409
+            assert cancel.json()["code"] == "workflow_not_running"
+
+            report = await sweep(temporal_client, task_queue)
+            assert [r.payment_id for r in report.repaired] == [payment_id]
+            read = (await api.get(f"/v1/payments/{payment_id}")).json()
+            assert read["status"] == "FAILED" and read["repair_pending"] is False
+
+        # A step left running by the terminated run finds the payment closed.
+        gate.opened.set()
+        if held_step != "none":
+
+            async def held_step_ran() -> bool:
+                return bool(gate.outcomes)
+
+            await wait_for(held_step_ran, what="the held step")
+            assert gate.outcomes[0].startswith("refused"), gate.outcomes
+
+        assert await payments.event_types(payment_id) == events
+        failed = (await bank.read_stream(f"payment-{payment_id}"))[-1]
+        assert failed.payload["step"] == "repair"
+        assert f"terminated by {identity}: operator pulled the plug" in failed.payload["reason"]
+        assert failed.actor == "sweeper"
+        calls = await payments.processor_calls(payment_id)
+        if "PaymentAuthorized" in events:
+            assert calls.count(("void", "voided")) == 1
+            assert await payments.authorization_status(payment_id) == "voided"
+        else:
+            assert await payments.authorization_status(payment_id) == "fenced"
+        # A second sweep finds nothing left to repair.
+        assert (await sweep(temporal_client, task_queue)).repaired == []
+    alice, bob = await bank.get_position("alice"), await bank.get_position("bob")
+    assert (alice.debits_pending, bob.credits_pending, alice.posted_minor) == (0, 0, 500_000)
+
+
+async def test_a_running_payment_is_left_alone_by_the_sweeper(
+    temporal_client: Client, bank: EventStore, settings: Settings, task_queue: str
+) -> None:
+    gate = Gate("settle")
+    async with gated_worker(temporal_client, bank, settings, task_queue, gate) as payments:
+        handle = await _park(payments, gate, "RESERVED")
+        report = await sweep(temporal_client, task_queue)
+        assert report.checked == 1 and report.repaired == []
+        gate.opened.set()
+        assert (await handle.result()).status == "SETTLED"
+
+
+async def test_an_open_payment_unknown_to_temporal_is_repaired(
+    temporal_client: Client, bank: EventStore, settings: Settings, task_queue: str
+) -> None:
+    """Temporal lost the workflow (its data was wiped): the ledger still knows."""
+    from tests.harness.ledger import Payment
+
+    orphan = Payment(bank, "alice", "bob", 2_000)
+    await orphan.run("initiated", "authorized", "reserved")
+    gate = Gate("none")
+    async with gated_worker(temporal_client, bank, settings, task_queue, gate):
+        report = await sweep(temporal_client, task_queue)
+    assert [r.payment_id for r in report.repaired] == [orphan.payment_id]
+    assert "unknown to Temporal" in report.repaired[0].cause
+    types = [e.event_type for e in await bank.read_stream(orphan.stream_id)]
+    assert types[-3:] == ["FundsReleased", "AuthorizationVoided", "PaymentFailed"]
+
+
+async def _terminating_identity(handle: WorkflowHandle[PaymentWorkflow, PaymentOutcome]) -> str:
+    history = await handle.fetch_history()
+    last = history.events[-1]
+    assert last.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_TERMINATED
+    identity = last.workflow_execution_terminated_event_attributes.identity
+    assert identity, json.dumps(str(last))
+    return identity
+
+
+async def test_the_sweeper_schedule_is_created_once_and_follows_the_settings(
+    temporal_client: Client, settings: Settings
+) -> None:
+    from temporalio.client import ScheduleActionStartWorkflow
+
+    from worker import ensure_sweeper_schedule, sweeper_schedule_id
+
+    handle = temporal_client.get_schedule_handle(sweeper_schedule_id(settings.task_queue))
+    try:
+        assert await ensure_sweeper_schedule(temporal_client, settings) is True
+        assert await ensure_sweeper_schedule(temporal_client, settings) is False
+        described = await handle.describe()
+        assert [i.every.total_seconds() for i in described.schedule.spec.intervals] == [60]
+        action = described.schedule.action
+        assert isinstance(action, ScheduleActionStartWorkflow)
+        assert (action.workflow, action.task_queue) == ("SweeperWorkflow", settings.task_queue)
+        hourly = settings.model_copy(update={"sweep_interval_s": 3_600})
+        assert await ensure_sweeper_schedule(temporal_client, hourly) is False
+        described = await handle.describe()
+        assert [i.every.total_seconds() for i in described.schedule.spec.intervals] == [3_600]
+    finally:
+        await handle.delete()
