@@ -11,8 +11,10 @@ stay verifiable:
 1. (revision 0002) SHA-256 of the envelope as canonical JSON (sorted keys, no
    whitespace), computed by the writer in Python and handed to the database. The
    database could not check it, so a caller could store a hash its event did not earn.
-2. (revision 0005) SHA-256 of the envelope as PostgreSQL prints it as jsonb,
-   computed by the database function itself from the values it stores. The verifier
+2. (revision 0005) computed by the database function itself from the values it
+   stores: SHA-256 of the envelope's fields in a fixed order, each text prefixed by
+   its length in bytes (-1 for NULL), the event id as its 16 bytes, integers as
+   4-byte big-endian, and the payload as PostgreSQL prints it as jsonb. The verifier
    reproduces that text here (`jsonb_text`), independently of the database.
 
 The chain is **per stream**: `prev_hash` is the hash of the previous event in the same
@@ -71,8 +73,26 @@ def content_digest(
     if scheme == 1:
         return hashlib.sha256(canonical_json(envelope)).digest()
     if scheme == 2:
-        return hashlib.sha256(jsonb_text(envelope).encode()).digest()
+        digest = hashlib.sha256()
+        digest.update(_field(stream_id))
+        digest.update(event_id.bytes)
+        digest.update(_field(event_type))
+        digest.update(schema_version.to_bytes(4, "big", signed=True))
+        digest.update(_field(jsonb_text(payload)))
+        digest.update(_field(actor))
+        digest.update(_field(correlation_id))
+        digest.update(_field(causation_id))
+        digest.update((-1 if attempt is None else attempt).to_bytes(4, "big", signed=True))
+        return digest.digest()
     raise ValueError(f"unknown hash scheme {scheme}")
+
+
+def _field(text: str | None) -> bytes:
+    """A text, prefixed by its length in bytes; NULL as the length -1."""
+    if text is None:
+        return (-1).to_bytes(4, "big", signed=True)
+    encoded = text.encode()
+    return len(encoded).to_bytes(4, "big", signed=True) + encoded
 
 
 def jsonb_text(value: Any) -> str:

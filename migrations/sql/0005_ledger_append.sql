@@ -7,8 +7,8 @@
 --     ledger_payload_problem, both rendered from the Python models) and its entity
 --     field must name the stream; every envelope field is bounded;
 --   * every input of the hash is computed here (scheme 2): the content digest is
---     SHA-256 of the jsonb text of the whole envelope, where 0002 took it from the
---     caller;
+--     SHA-256 of the envelope's fields, the payload as its jsonb text, where 0002
+--     took it from the caller;
 --   * search_path puts pg_temp last, so a temporary table cannot shadow the ledger's;
 --   * a transaction id is taken before any global_seq, which the safe horizon needs;
 --   * it returns the stream's state, so a retried step learns where the stream is, and
@@ -78,10 +78,7 @@ BEGIN
     END IF;
     v_kind := split_part(p_stream_id, '-', 1);
     v_entity := substr(p_stream_id, length(v_kind) + 2);
-    -- The event type's entry in the catalog, with every transition it may make.
-    SELECT t.schema_version, t.stream_kind, t.entity_field, t.starts_stream, t.moves_money,
-           (SELECT jsonb_object_agg(tr.from_state, tr.to_state) FROM ledger_transitions tr
-             WHERE tr.stream_kind = t.stream_kind AND tr.event_type = t.event_type) AS transitions
+    SELECT t.schema_version, t.stream_kind, t.entity_field, t.starts_stream, t.moves_money
       INTO v_type
       FROM ledger_event_types t WHERE t.event_type = p_event_type;
     IF NOT FOUND OR v_type.stream_kind <> v_kind THEN
@@ -137,7 +134,8 @@ BEGIN
 
     -- 3. The state machine, from the database's own table, and optimistic concurrency
     --    if the caller asked for it.
-    v_to_state := v_type.transitions->>v_state;
+    SELECT tr.to_state INTO v_to_state FROM ledger_transitions tr
+     WHERE tr.stream_kind = v_kind AND tr.from_state = v_state AND tr.event_type = p_event_type;
     IF v_to_state IS NULL OR v_version IS DISTINCT FROM coalesce(p_expected_version, v_version) THEN
         -- A retry of an event already appended returns it and appends nothing; so does
         -- the same fact under another id (a second FundsReserved is never a second hold).
@@ -150,10 +148,11 @@ BEGIN
         IF FOUND THEN
             IF v_stored.stream_id = p_stream_id AND v_stored.event_type = p_event_type
                AND v_stored.schema_version = p_schema_version AND v_stored.payload = p_payload THEN
-                RETURN QUERY SELECT v_stored.global_seq, v_stored.stream_version,
-                    v_stored.recorded_at, v_stored.prev_hash, v_stored.hash, false,
-                    v_stored.actor, v_stored.correlation_id, v_stored.causation_id,
-                    v_stored.attempt, v_state, clock_timestamp();
+                -- Cast: revision 0007 gives these columns domain types.
+                RETURN QUERY SELECT v_stored.global_seq, v_stored.stream_version::integer,
+                    v_stored.recorded_at, v_stored.prev_hash::bytea, v_stored.hash::bytea,
+                    false, v_stored.actor::text, v_stored.correlation_id,
+                    v_stored.causation_id, v_stored.attempt, v_state, clock_timestamp();
                 RETURN;
             END IF;
             RAISE EXCEPTION 'event % exists with different content (% in %)',
@@ -183,19 +182,22 @@ BEGIN
     v_now := clock_timestamp();
 
     -- 5. The event, chained to the stream's previous hash. Every input of the hash is
-    --    the database's own: the envelope as jsonb text (ledger/hashing.py reproduces
-    --    it in Python), the previous hash, the sequence, the version and the time.
+    --    the database's own: the envelope (each text field prefixed by its length in
+    --    bytes, -1 for NULL; the payload as its jsonb text, which ledger/hashing.py
+    --    reproduces in Python), the previous hash, the sequence, the version and the time.
     v_version := v_version + 1;
-    v_content := sha256(convert_to(jsonb_build_object(
-        'stream_id', p_stream_id,
-        'event_id', p_event_id::text,
-        'event_type', p_event_type,
-        'schema_version', p_schema_version,
-        'payload', p_payload,
-        'actor', p_actor,
-        'correlation_id', p_correlation_id,
-        'causation_id', p_causation_id,
-        'attempt', p_attempt)::text, 'UTF8'));
+    v_content := sha256(
+        int4send(octet_length(p_stream_id)) || convert_to(p_stream_id, 'UTF8')
+        || uuid_send(p_event_id)
+        || int4send(octet_length(p_event_type)) || convert_to(p_event_type, 'UTF8')
+        || int4send(p_schema_version)
+        || int4send(octet_length(p_payload::text)) || convert_to(p_payload::text, 'UTF8')
+        || int4send(octet_length(p_actor)) || convert_to(p_actor, 'UTF8')
+        || coalesce(int4send(octet_length(p_correlation_id))
+                    || convert_to(p_correlation_id, 'UTF8'), int4send(-1))
+        || coalesce(int4send(octet_length(p_causation_id))
+                    || convert_to(p_causation_id, 'UTF8'), int4send(-1))
+        || int4send(coalesce(p_attempt, -1)));
     v_hash := sha256(v_last_hash || v_content || int8send(v_seq) || int8send(v_version::bigint)
                      || int8send((extract(epoch FROM v_now) * 1000000)::bigint));
     INSERT INTO events (global_seq, stream_id, stream_version, event_id, event_type,

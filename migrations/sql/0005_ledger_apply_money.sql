@@ -1,7 +1,8 @@
 -- Revision 0005: the money rules, trusting nothing the caller sent beyond the payload
 -- that ledger_append has already checked against the catalog. Changed from 0002: every
 -- posting is checked (side, sign, account, currency, who may be debited or credited),
--- and search_path puts pg_temp last, so no temporary table can shadow the ledger's.
+-- search_path puts pg_temp last, so no temporary table can shadow the ledger's, and a
+-- settlement updates each position row once.
 --
 -- Moves the positions for one money event and returns the global_seq for its event.
 -- The sequence number is taken only once every position involved is locked: two
@@ -103,7 +104,7 @@ BEGIN
                    WHERE x.amount_minor IS NOT NULL
                      AND ((x.side = 'debit' AND x.account_id = v_payer)
                           OR (x.side = 'credit' AND x.account_id <> v_payer
-                              AND (x.account_id = v_payee OR a.kind = 'fees')))),
+                              AND (x.account_id = v_payee OR x.kind = 'fees')))),
                coalesce(sum(x.amount_minor) FILTER (WHERE x.side = 'debit'), 0),
                coalesce(sum(x.amount_minor) FILTER (WHERE x.side = 'credit'), 0),
                coalesce(sum(x.amount_minor)
@@ -115,7 +116,11 @@ BEGIN
               -- A posting's amount is NULL unless the posting is well formed. CASE, not
               -- AND: SQL does not promise to evaluate AND's operands in order, and a cast
               -- of a malformed posting must never run.
+              -- The account's kind by one index probe per posting: a join here was
+              -- planned as a scan of every account, for each settlement.
               SELECT e.value->>'account_id' AS account_id, e.value->>'side' AS side,
+                     (SELECT a.kind FROM accounts a WHERE a.account_id = e.value->>'account_id')
+                         AS kind,
                      CASE
                      WHEN jsonb_typeof(e.value) <> 'object' THEN NULL
                      WHEN NOT (e.value ?& ARRAY['account_id', 'amount_minor', 'side']
@@ -131,8 +136,7 @@ BEGIN
                      ELSE (e.value->'amount_minor')::numeric
                      END AS amount_minor
                 FROM jsonb_array_elements(p_payload->'postings') AS e
-          ) AS x
-          LEFT JOIN accounts a ON a.account_id = x.account_id;
+          ) AS x;
         v_problem := CASE
             WHEN v_valid <> v_postings THEN
                 'every posting must be {account_id, side, amount_minor} with a positive '
@@ -209,39 +213,36 @@ BEGIN
 
     v_seq := nextval('events_global_seq');
     IF p_event_type = 'PaymentSettled' THEN
-        -- The hold leaves pending on both sides; then each account's postings are posted,
-        -- one primary-key update per row (a join here would be planned as a scan).
-        UPDATE positions p
-           SET debits_pending  = p.debits_pending
-                                 - CASE WHEN p.account_id = v_payer THEN v_amount ELSE 0 END,
-               credits_pending = p.credits_pending
-                                 - CASE WHEN p.account_id = v_payee THEN v_amount ELSE 0 END,
-               last_seq        = v_seq
-         WHERE (p.account_id = v_payer AND p.stripe = 0)
-            OR (p.account_id = v_payee AND p.stripe = v_payee_stripe);
+        -- Each account's row is updated once: the hold leaves pending, and its postings
+        -- are posted, in one primary-key update per row. (A join would be planned as a
+        -- scan; and a row updated twice in one transaction has its foreign key
+        -- checked again.) The payer is always debited and the payee always credited,
+        -- so both rows are among these.
         FOR r IN
-            SELECT x.account_id, x.side, sum(x.amount_minor)::bigint AS amount_minor
+            SELECT x.account_id,
+                   coalesce(sum(x.amount_minor) FILTER (WHERE x.side = 'debit'), 0)::bigint
+                       AS debit_minor,
+                   coalesce(sum(x.amount_minor) FILTER (WHERE x.side = 'credit'), 0)::bigint
+                       AS credit_minor
               FROM jsonb_to_recordset(p_payload->'postings')
                    AS x(account_id text, side text, amount_minor bigint)
-             GROUP BY x.account_id, x.side
-             ORDER BY x.account_id, x.side
+             GROUP BY x.account_id
+             ORDER BY x.account_id
         LOOP
-            IF r.side = 'debit' THEN
-                UPDATE positions p
-                   SET debits_posted = p.debits_posted + r.amount_minor, last_seq = v_seq
-                 WHERE p.account_id = r.account_id AND p.stripe = 0;
-            ELSE
-                UPDATE positions p
-                   SET credits_posted = p.credits_posted + r.amount_minor, last_seq = v_seq
-                 WHERE p.account_id = r.account_id
-                   AND p.stripe = CASE WHEN r.account_id = v_payer THEN 0
-                                       WHEN r.account_id = v_payee THEN v_payee_stripe
-                                       ELSE (SELECT ledger_credit_stripe(p_stream_id,
-                                                                         a.credit_stripes)
-                                               FROM accounts a
-                                              WHERE a.account_id = r.account_id)
-                                  END;
-            END IF;
+            UPDATE positions p
+               SET debits_pending  = p.debits_pending
+                                     - CASE WHEN r.account_id = v_payer THEN v_amount ELSE 0 END,
+                   credits_pending = p.credits_pending
+                                     - CASE WHEN r.account_id = v_payee THEN v_amount ELSE 0 END,
+                   debits_posted   = p.debits_posted + r.debit_minor,
+                   credits_posted  = p.credits_posted + r.credit_minor,
+                   last_seq        = v_seq
+             WHERE p.account_id = r.account_id
+               AND p.stripe = CASE WHEN r.account_id = v_payer THEN 0
+                                   WHEN r.account_id = v_payee THEN v_payee_stripe
+                                   ELSE (SELECT ledger_credit_stripe(p_stream_id, a.credit_stripes)
+                                           FROM accounts a WHERE a.account_id = r.account_id)
+                              END;
         END LOOP;
     ELSE
         -- A reservation adds the hold to pending on both sides; a release takes it back.

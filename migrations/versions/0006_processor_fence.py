@@ -1,4 +1,4 @@
-"""A void before any authorization fences the payment off; an index of open payments.
+"""A void before any authorization fences the payment off at the processor simulator.
 
 Revision ID: 0006
 Revises: 0005
@@ -20,11 +20,10 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    run_sql_file("0006_processor_fence_and_open_streams")
+    run_sql_file("0006_processor_fence")
 
 
 def downgrade() -> None:
-    op.execute("DROP INDEX streams_open_payments")
     op.execute("DELETE FROM processor_authorizations WHERE status = 'fenced'")
     op.execute(
         """
