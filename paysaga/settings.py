@@ -63,8 +63,8 @@ class Settings(BaseSettings):
     db_app_role: str = Field(
         default="paysaga_app",
         pattern=r"^[a-z_][a-z0-9_]{0,62}$",
-        description="PAYSAGA_DB_APP_ROLE: the role the services act as. It holds only "
-        "INSERT and SELECT on the ledger.",
+        description="PAYSAGA_DB_APP_ROLE: the role the services log in as. It holds SELECT "
+        "on the ledger and EXECUTE on its functions, nothing more.",
     )
     db_pool_size: int = Field(default=10, ge=1, le=200, description="PAYSAGA_DB_POOL_SIZE")
     db_pool_overflow_max: int = Field(

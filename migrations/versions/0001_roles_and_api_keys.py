@@ -21,8 +21,9 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     role = app_role()
-    # Roles are cluster-wide: the embedded stack creates it with LOGIN beforehand; on an
-    # external server a NOLOGIN role is enough, since services take it on with SET ROLE.
+    # Roles are cluster-wide. The embedded stack creates it with a login and a password
+    # beforehand; elsewhere `paysaga up` (or the operator) gives it one. A NOLOGIN role
+    # created here is only a placeholder for the grants below.
     op.execute(
         f"""
         DO $$
