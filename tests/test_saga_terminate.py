@@ -177,21 +177,31 @@ async def test_a_running_payment_is_left_alone_by_the_sweeper(
         assert (await handle.result()).status == "SETTLED"
 
 
+@pytest.mark.parametrize("hold", ["live", "expired"])
 async def test_an_open_payment_unknown_to_temporal_is_repaired(
-    temporal_client: Client, bank: EventStore, settings: Settings, task_queue: str
+    temporal_client: Client, bank: EventStore, settings: Settings, task_queue: str, hold: str
 ) -> None:
-    """Temporal lost the workflow (its data was wiped): the ledger still knows."""
+    """Temporal lost the workflow (its data was wiped): the ledger still knows, and a hold
+    past its expiry is named as such."""
+    from datetime import UTC, datetime, timedelta
+
     from tests.harness.ledger import Payment
 
     orphan = Payment(bank, "alice", "bob", 2_000)
+    if hold == "expired":
+        orphan.hold_expires_at = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
     await orphan.run("initiated", "authorized", "reserved")
+    assert (await bank.get_position("alice")).debits_pending == 2_000
     gate = Gate("none")
     async with gated_worker(temporal_client, bank, settings, task_queue, gate):
         report = await sweep(temporal_client, task_queue)
     assert [r.payment_id for r in report.repaired] == [orphan.payment_id]
-    assert "unknown to Temporal" in report.repaired[0].cause
+    cause = report.repaired[0].cause
+    assert "unknown to Temporal" in cause
+    assert ("hold expired at" in cause) is (hold == "expired")
     types = [e.event_type for e in await bank.read_stream(orphan.stream_id)]
     assert types[-3:] == ["FundsReleased", "AuthorizationVoided", "PaymentFailed"]
+    assert (await bank.get_position("alice")).debits_pending == 0
 
 
 async def _terminating_identity(handle: WorkflowHandle[PaymentWorkflow, PaymentOutcome]) -> str:
