@@ -14,14 +14,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowHandle
 
 from ledger.store import EventStore
 from ledger.verify import check_ledger, verify_chain
 from tests.harness.ledger import fund, open_account
 from tests.harness.operators import reset_points, reset_to, temporal_cli
 from tests.harness.saga import TEST_POLICY, Payments, wait_for_state
-from workflows.models import ApproveRequest, CancelRequest, PaymentPolicy
+from workflows.models import ApproveRequest, CancelRequest, PaymentOutcome, PaymentPolicy
 from workflows.payment import PaymentWorkflow
 
 pytestmark = pytest.mark.slow
@@ -58,14 +58,22 @@ async def _positions(store: EventStore) -> tuple[tuple[int, int, int, int], ...]
     )
 
 
+def _handle(
+    payments: Payments, workflow_id: str, run_id: str | None = None
+) -> WorkflowHandle[PaymentWorkflow, PaymentOutcome]:
+    return payments.client.get_workflow_handle(
+        workflow_id, run_id=run_id, result_type=PaymentOutcome
+    )
+
+
 async def _approve(payments: Payments, workflow_id: str) -> None:
-    handle = payments.client.get_workflow_handle_for(PaymentWorkflow.run, workflow_id)
+    handle = _handle(payments, workflow_id)
     await wait_for_state(handle, lambda s: s.status == "PENDING_APPROVAL")
     await handle.execute_update(PaymentWorkflow.approve, ApproveRequest(actor="ops:ana"))
 
 
 async def _cancel(payments: Payments, workflow_id: str) -> None:
-    handle = payments.client.get_workflow_handle_for(PaymentWorkflow.run, workflow_id)
+    handle = _handle(payments, workflow_id)
     await wait_for_state(handle, lambda s: "processor" in (s.waiting_for or ""))
     await handle.execute_update(PaymentWorkflow.cancel, CancelRequest(actor="ops:ana"))
 
@@ -104,9 +112,7 @@ async def test_a_reset_to_any_point_of_an_ended_payment_changes_nothing(
     assert len(points) >= 2
     for event_id in points:
         run_id = await reset_to(payments.client, handle.id, first_run, event_id)
-        rerun = payments.client.get_workflow_handle_for(
-            PaymentWorkflow.run, handle.id, run_id=run_id
-        )
+        rerun = _handle(payments, handle.id, run_id)
         outcome = await rerun.result()
         assert outcome.status == status, f"reset to event {event_id}: {outcome}"
         assert await _facts(payments, payment_id) == before, f"reset to event {event_id}"
@@ -133,7 +139,7 @@ async def test_the_clis_reset_to_the_first_workflow_task_of_a_settled_payment(
             "--reason",
             "operator replays the payment",
         )
-        latest = payments.client.get_workflow_handle_for(PaymentWorkflow.run, handle.id)
+        latest = _handle(payments, handle.id)
         assert (await latest.result()).status == "SETTLED"
         assert await _facts(payments, payment_id) == before
     assert await payments.authorization_status(payment_id) == "authorized"
@@ -153,14 +159,12 @@ async def test_a_payment_reset_while_waiting_for_approval_waits_again_then_settl
     assert points
     for event_id in points:
         run_id = await reset_to(payments.client, handle.id, first_run, event_id)
-        rerun = payments.client.get_workflow_handle_for(
-            PaymentWorkflow.run, handle.id, run_id=run_id
-        )
+        rerun = _handle(payments, handle.id, run_id)
         await wait_for_state(rerun, lambda s: s.status == "PENDING_APPROVAL")
         assert await _facts(payments, payment_id) == before, f"reset to event {event_id}"
         assert (await bank.get_position("alice")).debits_pending == 0
     await _approve(payments, handle.id)
-    latest = payments.client.get_workflow_handle_for(PaymentWorkflow.run, handle.id)
+    latest = _handle(payments, handle.id)
     assert (await latest.result()).status == "SETTLED"
     assert await payments.event_types(payment_id) == [
         "PaymentInitiated",
