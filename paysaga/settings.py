@@ -297,6 +297,15 @@ class Settings(BaseSettings):
             return None
         return self.metrics_host or self.api_host, self.metrics_port
 
+    @property
+    def metrics_url(self) -> str:
+        """Where Prometheus scrapes: the API's /metrics, or the port of their own."""
+        if self.metrics_address is None:
+            return f"{self.api_url}/metrics"
+        host, port = self.metrics_address
+        host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        return f"http://{host}:{port}/metrics"
+
     @classmethod
     def env_names(cls) -> frozenset[str]:
         """Every environment variable this class reads, in upper case."""

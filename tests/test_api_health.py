@@ -159,6 +159,14 @@ def test_metrics_apart_must_not_collide_with_the_api(
 def test_metrics_stay_on_the_api_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("PAYSAGA_METRICS_HOST", "PAYSAGA_METRICS_PORT", "PAYSAGA_API_HOST"):
         monkeypatch.delenv(name, raising=False)
-    assert Settings(_env_file=None).metrics_address is None
+    monkeypatch.delenv("PAYSAGA_API_PORT", raising=False)
+    settings = Settings(_env_file=None)
+    assert settings.metrics_address is None
+    assert settings.metrics_url == f"{settings.api_url}/metrics"
     monkeypatch.setenv("PAYSAGA_METRICS_PORT", "9464")
-    assert Settings(_env_file=None).metrics_address == ("127.0.0.1", 9464)
+    settings = Settings(_env_file=None)
+    assert settings.metrics_address == ("127.0.0.1", 9464)
+    # `paysaga up`'s banner names this address, not the API's /metrics, which is a 404 now
+    assert settings.metrics_url == "http://127.0.0.1:9464/metrics"
+    monkeypatch.setenv("PAYSAGA_METRICS_HOST", "0.0.0.0")
+    assert Settings(_env_file=None).metrics_url == "http://127.0.0.1:9464/metrics"
