@@ -29,9 +29,11 @@ from temporalio.testing import WorkflowEnvironment
 
 from api.app import create_app
 from ledger.store import EventStore
+from ledger.verify import check_ledger, verify_chain
 from paysaga.db import create_app_engine, create_owner_engine, open_store
 from paysaga.settings import Settings
 from tests.harness.api import Api, make_keys, serve
+from tests.harness.ledger import fund, open_account
 from tests.harness.postgres import IsolatedDatabase, PostgresServer, postgres_server
 from tests.harness.saga import Payments
 from tests.harness.temporal import start_dev_server, start_time_skipping_server
@@ -91,6 +93,18 @@ async def store(database: IsolatedDatabase, app_engine: AsyncEngine) -> AsyncIte
     store = await open_store(database.urls, pool_size=4, engine=app_engine)
     yield store
     await store.close()
+
+
+@pytest.fixture
+async def bank(store: EventStore) -> AsyncIterator[EventStore]:
+    """alice (5 000.00 EUR), bob (merchant), fees; the ledger verifies and checks after."""
+    await open_account(store, "alice")
+    await open_account(store, "bob", kind="merchant")
+    await open_account(store, "fees", kind="fees")
+    await fund(store, "alice", 500_000)
+    yield store
+    for report in (await verify_chain(store.engine), await check_ledger(store.engine)):
+        assert report.ok, report.lines()
 
 
 # --- Temporal -------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 from temporalio.api.sdk.v1 import WorkflowMetadata
@@ -11,25 +10,11 @@ from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
 from temporalio.service import RPCError
 
 from ledger.store import EventStore
-from ledger.verify import check_ledger, verify_chain
-from tests.harness.ledger import fund, open_account
-from tests.harness.saga import TEST_POLICY, Payments, wait_for, wait_for_state
+from tests.harness.saga import APPROVAL_POLICY, TEST_POLICY, Payments, wait_for, wait_for_state
 from workflows.models import ApproveRequest, CancelRequest, RejectRequest
 from workflows.payment import PaymentWorkflow
 
 HAPPY = ["PaymentInitiated", "PaymentAuthorized", "FundsReserved", "PaymentSettled"]
-
-
-@pytest.fixture
-async def bank(store: EventStore) -> AsyncIterator[EventStore]:
-    """alice (5 000.00 EUR), bob (merchant), fees."""
-    await open_account(store, "alice")
-    await open_account(store, "bob", kind="merchant")
-    await open_account(store, "fees", kind="fees")
-    await fund(store, "alice", 500_000)
-    yield store
-    for report in (await verify_chain(store.engine), await check_ledger(store.engine)):
-        assert report.ok, report.lines()
 
 
 async def _no_hold(store: EventStore) -> None:
@@ -179,8 +164,7 @@ async def test_a_cancel_after_settlement_is_refused(bank: EventStore, payments: 
 
 
 async def test_an_approved_payment_settles(bank: EventStore, payments: Payments) -> None:
-    needs_approval = TEST_POLICY.model_copy(update={"approval_threshold_minor": 5_000})
-    handle = await payments.start("alice", "bob", 5_000, policy=needs_approval)
+    handle = await payments.start("alice", "bob", 5_000, policy=APPROVAL_POLICY)
     state = await wait_for_state(handle, lambda s: s.status == "PENDING_APPROVAL")
     assert "approve" in (state.waiting_for or "")
     # What the Temporal UI shows as the workflow's current details.
@@ -203,8 +187,7 @@ async def test_an_approved_payment_settles(bank: EventStore, payments: Payments)
 
 
 async def test_a_rejected_payment_is_compensated(bank: EventStore, payments: Payments) -> None:
-    needs_approval = TEST_POLICY.model_copy(update={"approval_threshold_minor": 5_000})
-    handle = await payments.start("alice", "bob", 7_000, policy=needs_approval)
+    handle = await payments.start("alice", "bob", 7_000, policy=APPROVAL_POLICY)
     await wait_for_state(handle, lambda s: s.status == "PENDING_APPROVAL")
     await handle.execute_update(
         PaymentWorkflow.reject, RejectRequest(actor="ops:ana", reason="unknown beneficiary")
@@ -239,9 +222,10 @@ async def test_approve_is_refused_for_a_payment_not_waiting_for_approval(
 async def test_status_search_attribute_finds_exactly_the_payments_waiting_for_approval(
     bank: EventStore, payments: Payments, task_queue: str
 ) -> None:
-    needs_approval = TEST_POLICY.model_copy(update={"approval_threshold_minor": 5_000})
-    waiting = [await payments.start("alice", "bob", 6_000, policy=needs_approval) for _ in range(3)]
-    settled = await payments.run("alice", "bob", 100, policy=needs_approval)
+    waiting = [
+        await payments.start("alice", "bob", 6_000, policy=APPROVAL_POLICY) for _ in range(3)
+    ]
+    settled = await payments.run("alice", "bob", 100, policy=APPROVAL_POLICY)
     for handle in waiting:
         await wait_for_state(handle, lambda s: s.status == "PENDING_APPROVAL")
     query = f'PaymentStatus="PENDING_APPROVAL" AND TaskQueue="{task_queue}"'

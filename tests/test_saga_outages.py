@@ -22,9 +22,7 @@ from activities.ledger import LedgerActivities
 from activities.processor import ProcessorActivities, SimulatedProcessor
 from ledger import errors
 from ledger.store import EventStore
-from ledger.verify import check_ledger, verify_chain
 from paysaga.settings import Settings
-from tests.harness.ledger import fund, open_account
 from tests.harness.saga import TEST_POLICY, Payments, wait_for_state
 from worker import build_worker
 from workflows.models import ApproveRequest, PaymentOutcome, Recorded, RecordEvent
@@ -65,16 +63,6 @@ async def saga_with(
     activities = [*ledger.all(), *processor.all()]
     async with build_worker(env.client, settings, task_queue=queue, activities=activities):
         yield Payments(env.client, store, queue)
-
-
-@pytest.fixture
-async def bank(store: EventStore) -> AsyncIterator[EventStore]:
-    await open_account(store, "alice")
-    await open_account(store, "bob", kind="merchant")
-    await fund(store, "alice", 500_000)
-    yield store
-    for report in (await verify_chain(store.engine), await check_ledger(store.engine)):
-        assert report.ok, report.lines()
 
 
 # A hold of two minutes: waiting it out takes a few rounds of retries, each of which

@@ -10,33 +10,19 @@ recorded facts, and a re-run that finds the ledger further on follows it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 from temporalio.client import Client, WorkflowHandle
 
 from ledger.store import EventStore
-from ledger.verify import check_ledger, verify_chain
-from tests.harness.ledger import fund, open_account
 from tests.harness.operators import reset_points, reset_to, temporal_cli
-from tests.harness.saga import TEST_POLICY, Payments, wait_for_state
+from tests.harness.saga import APPROVAL_POLICY, TEST_POLICY, Payments, wait_for_state
 from workflows.models import ApproveRequest, CancelRequest, PaymentOutcome, PaymentPolicy
 from workflows.payment import PaymentWorkflow
 
 pytestmark = pytest.mark.slow
-
-APPROVAL = TEST_POLICY.model_copy(update={"approval_threshold_minor": 5_000})
-
-
-@pytest.fixture
-async def bank(store: EventStore) -> AsyncIterator[EventStore]:
-    await open_account(store, "alice")
-    await open_account(store, "bob", kind="merchant")
-    await fund(store, "alice", 500_000)
-    yield store
-    for report in (await verify_chain(store.engine), await check_ledger(store.engine)):
-        assert report.ok, report.lines()
 
 
 async def _facts(payments: Payments, payment_id: str) -> tuple[Any, ...]:
@@ -82,7 +68,7 @@ async def _cancel(payments: Payments, workflow_id: str) -> None:
 Act = Callable[[Payments, str], Awaitable[None]]
 ENDED: dict[str, tuple[int, dict[str, Any], PaymentPolicy, Act | None, str]] = {
     "settled": (12_500, {}, TEST_POLICY, None, "SETTLED"),
-    "approved then settled": (6_000, {}, APPROVAL, _approve, "SETTLED"),
+    "approved then settled": (6_000, {}, APPROVAL_POLICY, _approve, "SETTLED"),
     "failed for lack of funds": (900_000, {}, TEST_POLICY, None, "FAILED"),
     "declined by the processor": (500, {"simulate": "decline"}, TEST_POLICY, None, "DECLINED"),
     "cancelled while authorizing": (
@@ -149,7 +135,7 @@ async def test_a_payment_reset_while_waiting_for_approval_waits_again_then_settl
     payments: Payments, bank: EventStore
 ) -> None:
     """Row 8: reset to each point while PENDING_APPROVAL, then approve the last run."""
-    handle = await payments.start("alice", "bob", 6_000, policy=APPROVAL)
+    handle = await payments.start("alice", "bob", 6_000, policy=APPROVAL_POLICY)
     await wait_for_state(handle, lambda s: s.status == "PENDING_APPROVAL")
     payment_id = handle.id.removeprefix("payment-")
     before = await _facts(payments, payment_id)

@@ -10,7 +10,6 @@ with no hold and its authorization voided exactly once (or fenced, if it had non
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -19,28 +18,14 @@ from temporalio.client import Client, WorkflowHandle
 
 from api.app import create_app
 from ledger.store import EventStore
-from ledger.verify import check_ledger, verify_chain
 from paysaga.settings import Settings
 from tests.harness.api import Api, make_keys, serve
-from tests.harness.ledger import fund, open_account
 from tests.harness.operators import Gate, gated_worker, sweep, temporal_cli
-from tests.harness.saga import TEST_POLICY, Payments, wait_for, wait_for_state
+from tests.harness.saga import APPROVAL_POLICY, Payments, wait_for, wait_for_state
 from workflows.models import PaymentOutcome
 from workflows.payment import PaymentWorkflow
 
 pytestmark = pytest.mark.slow
-
-APPROVAL = TEST_POLICY.model_copy(update={"approval_threshold_minor": 5_000})
-
-
-@pytest.fixture
-async def bank(store: EventStore) -> AsyncIterator[EventStore]:
-    await open_account(store, "alice")
-    await open_account(store, "bob", kind="merchant")
-    await fund(store, "alice", 500_000)
-    yield store
-    for report in (await verify_chain(store.engine), await check_ledger(store.engine)):
-        assert report.ok, report.lines()
 
 
 async def _park(
@@ -53,7 +38,7 @@ async def _park(
         )
         await wait_for_state(handle, lambda s: "processor" in (s.waiting_for or ""))
     elif state == "PENDING_APPROVAL":
-        handle = await payments.start("alice", "bob", 6_000, policy=APPROVAL)
+        handle = await payments.start("alice", "bob", 6_000, policy=APPROVAL_POLICY)
         await wait_for_state(handle, lambda s: s.status == "PENDING_APPROVAL")
     else:
         handle = await payments.start("alice", "bob", 1_000)

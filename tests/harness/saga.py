@@ -26,6 +26,8 @@ TEST_POLICY = PaymentPolicy(
     processor_heartbeat_s=2,
     processor_attempts_max=2,
 )
+# The same, but a payment of 50.00 or more waits for an operator's approval.
+APPROVAL_POLICY = TEST_POLICY.model_copy(update={"approval_threshold_minor": 5_000})
 
 
 @dataclass
