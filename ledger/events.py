@@ -72,6 +72,10 @@ def account_stream(account_id: str) -> str:
     return f"account-{account_id}"
 
 
+def risk_stream(account_id: str) -> str:
+    return f"risk-{account_id}"
+
+
 class DomainEvent(BaseModel):
     """Base of every event. Subclasses set `event_type` and `schema_version`."""
 
@@ -241,6 +245,27 @@ class PaymentCancelled(DomainEvent):
     cancelled_by: Actor
 
 
+# --- risk stream ------------------------------------------------------------------------
+RiskRule = Literal["velocity", "amount_outlier", "decline_streak"]
+RISK_RULES: tuple[RiskRule, ...] = ("velocity", "amount_outlier", "decline_streak")
+
+
+class RiskAlertRaised(DomainEvent):
+    """The risk consumer flagged a payer: appended to the payer's own `risk-` stream.
+
+    `trigger_seq` is the global_seq of the event that tripped the rule, which makes the
+    alert a function of the log: a consumer that re-reads it appends nothing twice.
+    """
+
+    event_type: ClassVar[str] = "RiskAlertRaised"
+
+    account_id: AccountId
+    rule: RiskRule
+    payment_id: PaymentId
+    trigger_seq: Annotated[int, Field(ge=1, le=2**63 - 1)]
+    reason: Reason
+
+
 EVENT_TYPES: dict[str, type[DomainEvent]] = {
     cls.event_type: cls
     for cls in (
@@ -257,6 +282,7 @@ EVENT_TYPES: dict[str, type[DomainEvent]] = {
         AuthorizationVoided,
         PaymentFailed,
         PaymentCancelled,
+        RiskAlertRaised,
     )
 }
 

@@ -32,6 +32,7 @@ from ledger.state_machine import NEW, TRANSITIONS, StreamKind
 ENTITY_FIELD: dict[StreamKind, str] = {
     StreamKind.PAYMENT: "payment_id",
     StreamKind.ACCOUNT: "account_id",
+    StreamKind.RISK: "account_id",
 }
 # Events that move positions, and so go through ledger_apply_money.
 MONEY_EVENTS = frozenset({"AccountOpened", "FundsReserved", "PaymentSettled", "FundsReleased"})

@@ -21,6 +21,7 @@ NEW = "new"
 class StreamKind(StrEnum):
     PAYMENT = "payment"
     ACCOUNT = "account"
+    RISK = "risk"
 
 
 # (state, event type) -> next state.
@@ -52,10 +53,21 @@ ACCOUNT_TRANSITIONS: dict[tuple[str, str], str] = {
     (NEW, "AccountOpened"): "open",
 }
 
+# A payer's risk alerts: one stream per payer, which only ever grows.
+RISK_TRANSITIONS: dict[tuple[str, str], str] = {
+    (NEW, "RiskAlertRaised"): "open",
+    ("open", "RiskAlertRaised"): "open",
+}
+
 TRANSITIONS: dict[StreamKind, dict[tuple[str, str], str]] = {
     StreamKind.PAYMENT: PAYMENT_TRANSITIONS,
     StreamKind.ACCOUNT: ACCOUNT_TRANSITIONS,
+    StreamKind.RISK: RISK_TRANSITIONS,
 }
+
+# Event types a stream may hold more than once (a payer's risk stream grows with each
+# alert). In every other stream an event type appears at most once (invariant 3).
+REPEATABLE_EVENT_TYPES = frozenset({"RiskAlertRaised"})
 
 TERMINAL_STATES = frozenset({"settled", "declined", "rejected", "failed", "cancelled"})
 

@@ -37,6 +37,8 @@ from ledger.errors import LedgerError
 from ledger.events import parse_event
 from ledger.fold import LedgerFold, zero_sum_violations
 from ledger.hashing import GENESIS_HASH, chain_hash, content_digest
+from ledger.projections.check import ReadModelCheck
+from ledger.state_machine import REPEATABLE_EVENT_TYPES
 
 BATCH_SIZE = 5000
 BLOCK_BATCH_SIZE = 20
@@ -82,6 +84,7 @@ class Report:
     accounts: int = 0
     blocks: int = 0
     unsealed: int = 0
+    read_models: int = 0
     violations: list[Violation] = field(default_factory=list)
 
     @property
@@ -102,6 +105,8 @@ class Report:
         scope = f"{self.events} events in {self.streams} streams"
         if self.accounts:
             scope += f", {self.accounts} accounts"
+        if self.read_models:
+            scope += f", {self.read_models} read models"
         if self.name == "verify":
             scope += f", {self.blocks} sealed blocks, {self.unsealed} events not sealed yet"
         if self.ok:
@@ -450,11 +455,14 @@ async def _check_ledger(conn: AsyncConnection, progress: Progress | None) -> Rep
     broken: set[str] = set()
     seen_types: dict[str, set[str]] = {}
     last_seq: dict[str, int] = {}
+    read_models = await ReadModelCheck.start(conn, report)
     async for row in _events(conn):
+        await read_models.before(row.global_seq)
+        read_models.apply(row)
         report.events += 1
         last_seq[row.stream_id] = row.global_seq
         types = seen_types.setdefault(row.stream_id, set())
-        if row.event_type in types:
+        if row.event_type in types and row.event_type not in REPEATABLE_EVENT_TYPES:
             report.add(
                 "repeated-event-type",
                 f"{row.stream_id}: {row.event_type} appears twice",
@@ -491,6 +499,8 @@ async def _check_ledger(conn: AsyncConnection, progress: Progress | None) -> Rep
                 stream=row.stream_id,
             )
     report.streams = len(seen_types)
+    await read_models.finish()
+    report.read_models = len(read_models.checked)
 
     heads = await _stream_heads(conn)
     for stream_id, state in fold.states.items():

@@ -1,0 +1,121 @@
+"""The statement: every posting and hold movement of an account, with the position after
+it, in the ledger's order and in time order (for `balance?as_of=`).
+
+See `migrations/sql/0008_read_models.sql` (projection.entries) for why there are two
+orders. A batch appends its rows with both running positions computed from the
+account's last row in each order. When a new row's time falls before a row already
+stored (a late commit on another stripe of the same account), the time-order columns of
+the rows after it are recomputed: a few rows, since such a row can only be as late as
+the appends in flight with it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+from ledger.projections.base import Projection, range_params, statement
+from ledger.projections.moves import MOVES_CTE
+
+_DELTAS = ("dp", "dpo", "cp", "cpo")
+_COLUMNS = ("debits_pending", "debits_posted", "credits_pending", "credits_posted")
+
+_APPEND = (
+    "WITH "
+    + MOVES_CTE
+    + """,
+first_new AS (
+    SELECT DISTINCT ON (account_id) account_id, recorded_at AS k0_at, global_seq AS k0_seq
+      FROM moves ORDER BY account_id, recorded_at, global_seq
+),
+acct AS (
+    SELECT f.account_id, f.k0_at, f.k0_seq,
+           coalesce(s.debits_pending, 0) AS s_dp, coalesce(s.debits_posted, 0) AS s_dpo,
+           coalesce(s.credits_pending, 0) AS s_cp, coalesce(s.credits_posted, 0) AS s_cpo,
+           coalesce(t.at_debits_pending, 0) AS t_dp, coalesce(t.at_debits_posted, 0) AS t_dpo,
+           coalesce(t.at_credits_pending, 0) AS t_cp, coalesce(t.at_credits_posted, 0) AS t_cpo,
+           t.recorded_at AS t_at, t.global_seq AS t_seq
+      FROM first_new f
+      LEFT JOIN LATERAL (
+          SELECT x.debits_pending, x.debits_posted, x.credits_pending, x.credits_posted
+            FROM {s}.entries x WHERE x.account_id = f.account_id
+           ORDER BY x.global_seq DESC LIMIT 1) AS s ON true
+      LEFT JOIN LATERAL (
+          SELECT x.at_debits_pending, x.at_debits_posted, x.at_credits_pending,
+                 x.at_credits_posted, x.recorded_at, x.global_seq
+            FROM {s}.entries x WHERE x.account_id = f.account_id
+           ORDER BY x.recorded_at DESC, x.global_seq DESC LIMIT 1) AS t ON true
+),
+appended AS (
+    INSERT INTO {s}.entries (
+        account_id, global_seq, recorded_at, event_type, payment_id,
+        debits_pending_delta, debits_posted_delta, credits_pending_delta, credits_posted_delta,
+        debits_pending, debits_posted, credits_pending, credits_posted,
+        at_debits_pending, at_debits_posted, at_credits_pending, at_credits_posted)
+    SELECT m.account_id, m.global_seq, m.recorded_at, m.event_type, m.payment_id,
+           m.dp, m.dpo, m.cp, m.cpo,
+           (a.s_dp + sum(m.dp) OVER by_seq)::bigint, (a.s_dpo + sum(m.dpo) OVER by_seq)::bigint,
+           (a.s_cp + sum(m.cp) OVER by_seq)::bigint, (a.s_cpo + sum(m.cpo) OVER by_seq)::bigint,
+           (a.t_dp + sum(m.dp) OVER by_time)::bigint,
+           (a.t_dpo + sum(m.dpo) OVER by_time)::bigint,
+           (a.t_cp + sum(m.cp) OVER by_time)::bigint,
+           (a.t_cpo + sum(m.cpo) OVER by_time)::bigint
+      FROM moves m JOIN acct a USING (account_id)
+    WINDOW by_seq AS (PARTITION BY m.account_id ORDER BY m.global_seq),
+           by_time AS (PARTITION BY m.account_id ORDER BY m.recorded_at, m.global_seq)
+)
+SELECT account_id, k0_at, k0_seq FROM acct
+ WHERE t_at IS NOT NULL AND (t_at, t_seq) > (k0_at, k0_seq)
+"""
+)
+
+# The time-order columns of every row from the first new one on, for the accounts where
+# a new row landed before rows already stored.
+_REORDER = """
+UPDATE {s}.entries e
+   SET at_debits_pending = x.dp, at_debits_posted = x.dpo,
+       at_credits_pending = x.cp, at_credits_posted = x.cpo
+  FROM (
+      SELECT y.account_id, y.global_seq,
+           (coalesce(b.at_debits_pending, 0) + sum(y.debits_pending_delta) OVER w)::bigint AS dp,
+           (coalesce(b.at_debits_posted, 0) + sum(y.debits_posted_delta) OVER w)::bigint AS dpo,
+           (coalesce(b.at_credits_pending, 0) + sum(y.credits_pending_delta) OVER w)::bigint AS cp,
+           (coalesce(b.at_credits_posted, 0) + sum(y.credits_posted_delta) OVER w)::bigint AS cpo
+        FROM unnest(%(accounts)s::text[], %(k0_at)s::timestamptz[], %(k0_seq)s::bigint[])
+             AS f(account_id, k0_at, k0_seq)
+        LEFT JOIN LATERAL (
+            SELECT x.at_debits_pending, x.at_debits_posted, x.at_credits_pending,
+                   x.at_credits_posted
+              FROM {s}.entries x
+             WHERE x.account_id = f.account_id
+               AND (x.recorded_at, x.global_seq) < (f.k0_at, f.k0_seq)
+             ORDER BY x.recorded_at DESC, x.global_seq DESC LIMIT 1) AS b ON true
+        JOIN {s}.entries y
+          ON y.account_id = f.account_id AND (y.recorded_at, y.global_seq) >= (f.k0_at, f.k0_seq)
+      WINDOW w AS (PARTITION BY y.account_id ORDER BY y.recorded_at, y.global_seq)
+  ) AS x
+ WHERE e.account_id = x.account_id AND e.global_seq = x.global_seq
+"""
+
+
+async def apply(conn: psycopg.AsyncConnection[Any], schema: str, after: int, upto: int) -> None:
+    cursor = await conn.execute(statement(_APPEND, schema), range_params(after, upto))
+    late = await cursor.fetchall()
+    if late:
+        await conn.execute(
+            statement(_REORDER, schema),
+            {
+                "accounts": [row[0] for row in late],
+                "k0_at": [row[1] for row in late],
+                "k0_seq": [row[2] for row in late],
+            },
+        )
+
+
+STATEMENT = Projection(
+    name="statement",
+    tables=("entries",),
+    apply=apply,
+    summary="every posting and hold movement per account, with running balances",
+)

@@ -1,0 +1,60 @@
+"""The read side: read models projected from the log, risk alerts in the ledger.
+
+Revision ID: 0008
+Revises: 0007
+Create Date: 2026-11-24
+
+- The catalog learns `RiskAlertRaised`, on a payer's own `risk-<account>` stream
+  (`0008_ledger_rules.sql`, rendered by `python -m ledger.rules`).
+- Schema `projection`: the read models and their checkpoints, which the application
+  role's projector writes; `projection_shadow`, where `paysaga replay` (the owner)
+  rebuilds one.
+- A statement trigger on events notifies `paysaga_events` at commit, to wake projectors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from alembic import op
+
+from migrations.support import app_role, sql_file
+
+revision: str = "0008"
+down_revision: str | None = "0007"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+PROJECTION_TABLES = "checkpoints, balances, entries, payments, risk_alerts, risk_payers"
+
+
+def _load_rules(name: str) -> None:
+    """Replace the catalog's rows and its payload check with those of one rendered file.
+
+    CREATE OR REPLACE keeps the functions' owner and grants (no one but the ledger's own
+    functions may call them)."""
+    op.execute("DELETE FROM ledger_transitions")
+    op.execute("DELETE FROM ledger_event_types")
+    driver = op.get_bind().connection.driver_connection
+    assert driver is not None, "the migration has no database connection"
+    driver.execute(sql_file(name).replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION"))
+
+
+def upgrade() -> None:
+    role = app_role()
+    _load_rules("0008_ledger_rules")
+    driver = op.get_bind().connection.driver_connection
+    assert driver is not None, "the migration has no database connection"
+    driver.execute(sql_file("0008_read_models"))
+    op.execute("REVOKE ALL ON FUNCTION ledger_notify_appended() FROM PUBLIC")
+    op.execute(f"GRANT USAGE ON SCHEMA projection TO {role}")
+    for table in PROJECTION_TABLES.split(", "):
+        op.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON projection.{table} TO {role}")
+
+
+def downgrade() -> None:
+    op.execute("DROP TRIGGER events_notify_appended ON events")
+    op.execute("DROP FUNCTION ledger_notify_appended()")
+    op.execute("DROP SCHEMA projection_shadow CASCADE")
+    op.execute("DROP SCHEMA projection CASCADE")
+    _load_rules("0005_ledger_rules")
