@@ -45,7 +45,7 @@ async def test_each_read_model_equals_a_fold_of_the_log(
         balance = (
             await conn.execute(text("SELECT * FROM projection.balances WHERE account_id='bob'"))
         ).one()
-        statuses = dict(
+        statuses: dict[str, str] = dict(
             (await conn.execute(text("SELECT payment_id, status FROM projection.payments"))).all()
         )
     assert balance.credits_posted == 10_000 + 19_500
