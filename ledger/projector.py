@@ -178,7 +178,11 @@ class Projector:
         self.poll_s = poll_s
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
-        return await psycopg.AsyncConnection.connect(self.conninfo, **self.connect_kwargs)
+        # Autocommit: every batch is an explicit transaction, and nothing else may hold
+        # one open (it would hold the safe horizon back for every reader).
+        return await psycopg.AsyncConnection.connect(
+            self.conninfo, autocommit=True, **self.connect_kwargs
+        )
 
     async def run_once(self, conn: psycopg.AsyncConnection[Any]) -> int:
         """Bring every projection up to the safe horizon as it is now; events applied."""

@@ -130,19 +130,40 @@ def api() -> None:
 
 @app.command()
 def projector() -> None:
-    """Run the read-side projector (its slot in the stack; projections arrive later)."""
+    """Keep the read models current: apply the log, below the safe horizon, in batches."""
     import signal
-    import threading
+
+    from ledger.db import to_libpq_url
+    from ledger.projections import READ_MODELS
+    from ledger.projector import Projector
+    from paysaga.db import open_store, service_urls
 
     settings = _service_settings()
     _configure_logging("projector", settings)
     log = logging.getLogger("paysaga.projector")
-    log.info("projector: no projections are registered yet; waiting for a stop signal")
-    stopped = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stopped.set())
-    stopped.wait()
-    log.info("projector stopped")
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        urls = service_urls(settings)
+        store = await open_store(urls, pool_size=2)
+        projections = list(READ_MODELS.values())
+        runner = Projector(
+            store,
+            to_libpq_url(urls.app_url),
+            projections,
+            events_max=settings.projector_batch_events_max,
+            poll_s=settings.projector_poll_s,
+        )
+        try:
+            await runner.run(stop)
+        finally:
+            await store.close()
+        log.info("projector stopped")
+
+    asyncio.run(run())
 
 
 @app.command()
@@ -506,6 +527,140 @@ def ledger_seal() -> None:
         )
     if not blocks:
         err.print("nothing new to seal below the safe horizon")
+
+
+@app.command()
+def replay(
+    projection: Annotated[
+        str,
+        typer.Argument(help="A read model (balances, statement, payments, risk_alerts) or all."),
+    ],
+    until: Annotated[
+        str | None,
+        typer.Option(
+            help="Stop at this point of the log: a global_seq, or an RFC 3339 instant (the "
+            "events recorded at or before it). Needs --into.",
+        ),
+    ] = None,
+    into: Annotated[
+        str | None,
+        typer.Option(
+            help="Build into this schema (created if need be) for an investigation, "
+            "instead of rebuilding the live read model.",
+        ),
+    ] = None,
+    restart: Annotated[
+        bool, typer.Option(help="Start again from event 1 instead of resuming.")
+    ] = False,
+) -> None:
+    """Rebuild read models from event 1 without downtime, or materialise them at a point.
+
+    Without --into, each model is built in the schema projection_shadow while the live
+    one keeps serving, caught up with it, and swapped in in one transaction. An
+    interrupted replay resumes where it stopped. Runs as the schema owner.
+    """
+    from ledger.projections import READ_MODELS
+
+    if projection == "all":
+        chosen = list(READ_MODELS.values())
+    elif projection in READ_MODELS:
+        chosen = [READ_MODELS[projection]]
+    else:
+        raise typer.BadParameter(
+            f"no read model {projection!r}; choose one of {', '.join(READ_MODELS)} or all",
+            param_hint="PROJECTION",
+        )
+    if until is not None and into is None:
+        raise typer.BadParameter("--until needs --into <schema>", param_hint="--until")
+    url = _owner_url(_settings())
+    _on_ledger_database(lambda: _replay(url, chosen, until, into, restart))
+
+
+async def _replay(
+    url: str, chosen: list[Any], until: str | None, into: str | None, restart: bool
+) -> None:
+    from datetime import datetime
+
+    import psycopg
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    from ledger.db import to_libpq_url
+    from ledger.replay import (
+        ReplayError,
+        check_schema_name,
+        materialise,
+        plan_materialise,
+        plan_rebuild,
+        rebuild,
+        safe_seq,
+        seq_at,
+    )
+
+    try:
+        if into is not None:
+            check_schema_name(into)
+    except ReplayError as error:
+        fail(str(error), code=2)
+    conn = await psycopg.AsyncConnection.connect(to_libpq_url(url), autocommit=True)
+    try:
+        until_seq: int | None = None
+        if into is not None:
+            if until is None:
+                until_seq = await safe_seq(conn)
+            elif until.isdigit():
+                until_seq = int(until)
+            else:
+                try:
+                    instant = datetime.fromisoformat(until.replace("Z", "+00:00"))
+                except ValueError:
+                    fail(f"--until {until!r} is neither a global_seq nor an RFC 3339 instant", 2)
+                if instant.tzinfo is None:
+                    fail(f"--until {until!r} needs a UTC offset (e.g. Z or +01:00)", 2)
+                until_seq = await seq_at(conn, instant)
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]} events/s"),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=err) as bar:
+            for projection in chosen:
+                if into is None:
+                    plan = await plan_rebuild(conn, projection, restart=restart)
+                else:
+                    assert until_seq is not None
+                    plan = await plan_materialise(
+                        conn, projection, into, until_seq, restart=restart
+                    )
+                task = bar.add_task(projection.name, total=max(plan.events, 1), rate="-")
+
+                def advance(batch: Any, task: Any = task) -> None:
+                    bar.advance(task, batch.events)
+                    speed = bar.tasks[task].speed
+                    bar.update(task, rate=f"{speed:,.0f}" if speed else "-")
+
+                if into is None:
+                    reached = await rebuild(conn, projection, on_batch=advance)
+                    where = f"swapped in at global_seq {reached}"
+                else:
+                    assert until_seq is not None
+                    reached = await materialise(conn, projection, into, until_seq, on_batch=advance)
+                    where = f"built in {into} up to global_seq {reached}"
+                bar.update(task, completed=max(plan.events, 1))
+                err.print(f"{projection.name}: {where}")
+    except ReplayError as error:
+        fail(str(error))
+    finally:
+        await conn.close()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

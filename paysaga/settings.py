@@ -162,6 +162,19 @@ class Settings(BaseSettings):
         description="PAYSAGA_RISK_VELOCITY_COUNT_MAX: payments one payer may start per window. "
         "External (funding) accounts are exempt.",
     )
+    projector_batch_events_max: int = Field(
+        default=5_000,
+        ge=1,
+        le=100_000,
+        description="PAYSAGA_PROJECTOR_BATCH_EVENTS_MAX: events one projector batch applies.",
+    )
+    projector_poll_s: float = Field(
+        default=1.0,
+        gt=0,
+        le=60,
+        description="PAYSAGA_PROJECTOR_POLL_S: how often the projector looks for new events "
+        "when no notification woke it.",
+    )
     fee_bps: int = Field(
         default=0, ge=0, le=10_000, description="PAYSAGA_FEE_BPS: fee in basis points."
     )

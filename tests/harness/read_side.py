@@ -15,7 +15,9 @@ from tests.harness.postgres import IsolatedDatabase
 
 
 async def connect_app(database: IsolatedDatabase) -> psycopg.AsyncConnection[Any]:
-    return await psycopg.AsyncConnection.connect(to_libpq_url(database.urls.app_url))
+    return await psycopg.AsyncConnection.connect(
+        to_libpq_url(database.urls.app_url), autocommit=True
+    )
 
 
 def projector(

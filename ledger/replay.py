@@ -1,0 +1,335 @@
+"""Replay: rebuild a read model from event 1 without taking the live one down.
+
+`rebuild` builds the model into `projection_shadow` (tables made LIKE the live ones)
+while the live model keeps serving and the projector keeps moving it. Every batch
+commits with the shadow's own checkpoint, so an interrupted rebuild resumes where it
+stopped. Once the shadow has caught up, one transaction takes the live checkpoint's
+lock (the projector's batch on that model waits or skips), applies the last events so
+the shadow is at least as far as the live model, and moves the shadow's tables into
+`projection` in place of the live ones: a reader sees the old tables or the new, never
+a half-built one, and a model's `as_of_seq` never moves back.
+
+`materialise` builds the models as they were at one point of the log into a schema of
+its own, for an investigation; it resumes the same way.
+
+Both need DDL, so they run as the schema owner, on a connection in autocommit mode (each
+batch is its own transaction).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from ledger.projections.base import LIVE_SCHEMA, SHADOW_SCHEMA, Projection
+from ledger.projector import Batch, apply_batch, catch_up
+
+REPLAY_BATCH_EVENTS_MAX = 50_000
+HORIZON_CALLS_MAX = 40
+SWAP_LOCK_TIMEOUT_MS = 10_000
+# Once the shadow is this close to its target, the swap's transaction applies the rest.
+SWAP_GAP_EVENTS_MAX = REPLAY_BATCH_EVENTS_MAX
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+RESERVED_SCHEMAS = frozenset(
+    {LIVE_SCHEMA, SHADOW_SCHEMA, "public", "information_schema", "pg_catalog", "pg_toast"}
+)
+
+OnBatch = Callable[[Batch], None]
+
+
+class ReplayError(Exception):
+    """A replay the caller asked for that cannot be done (bad schema, point passed, ...)."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where a build starts and where it is headed, in events, for a progress bar."""
+
+    projection: str
+    start_seq: int
+    target_seq: int
+    events: int
+
+
+async def _one(conn: psycopg.AsyncConnection[Any], query: Any, params: Any = None) -> Any:
+    cursor = await conn.execute(query, params)
+    row = await cursor.fetchone()
+    return None if row is None else row[0]
+
+
+async def safe_seq(conn: psycopg.AsyncConnection[Any]) -> int:
+    """The safe horizon, as the store proves it: called again, briefly, until it covers
+    what the first call could see. `conn` must be in autocommit mode."""
+    safe = head = 0
+    for attempt in range(HORIZON_CALLS_MAX):
+        cursor = await conn.execute("SELECT safe_seq, head_seq FROM ledger_safe_horizon()")
+        row = await cursor.fetchone()
+        assert row is not None
+        safe = int(row[0])
+        head = int(row[1]) if attempt == 0 else head
+        if safe >= head:
+            break
+        await asyncio.sleep(0.005 * (attempt + 1))
+    return safe
+
+
+async def exclusive(
+    conn: psycopg.AsyncConnection[Any], projection: Projection, schema: str
+) -> None:
+    """One replay at a time per read model and schema: a session lock, released when the
+    replay's connection closes."""
+    taken = await _one(
+        conn,
+        "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))",
+        (f"paysaga-replay/{schema}/{projection.name}",),
+    )
+    if not taken:
+        raise ReplayError(f"another replay of {projection.name} into {schema} is running")
+
+
+async def seq_at(conn: psycopg.AsyncConnection[Any], instant: datetime) -> int:
+    """The last global_seq recorded at or before `instant` (0 if none)."""
+    value = await _one(
+        conn, "SELECT coalesce(max(global_seq), 0) FROM events WHERE recorded_at <= %s", (instant,)
+    )
+    return int(value)
+
+
+async def count_events(conn: psycopg.AsyncConnection[Any], after: int, upto: int) -> int:
+    value = await _one(
+        conn,
+        "SELECT count(*) FROM events WHERE global_seq > %s AND global_seq <= %s",
+        (after, upto),
+    )
+    return int(value)
+
+
+def check_schema_name(schema: str) -> str:
+    if not _SCHEMA_NAME.match(schema) or schema in RESERVED_SCHEMAS or schema.startswith("pg_"):
+        raise ReplayError(
+            f"{schema!r} cannot hold a replay: use a new lower-case name (letters, digits, _), "
+            f"not one of {', '.join(sorted(RESERVED_SCHEMAS))} or pg_*"
+        )
+    return schema
+
+
+async def _prepare(
+    conn: psycopg.AsyncConnection[Any], projection: Projection, schema: str, *, restart: bool
+) -> int:
+    """The tables and checkpoint of `projection` in `schema`, made LIKE the live ones;
+    the checkpoint to resume from (0 for a fresh build)."""
+    async with conn.transaction():
+        await conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+        for table in ("checkpoints", *projection.tables):
+            await conn.execute(
+                sql.SQL("CREATE TABLE IF NOT EXISTS {}.{} (LIKE {}.{} INCLUDING ALL)").format(
+                    sql.Identifier(schema),
+                    sql.Identifier(table),
+                    sql.Identifier(LIVE_SCHEMA),
+                    sql.Identifier(table),
+                )
+            )
+        checkpoint = await _one(
+            conn,
+            sql.SQL("SELECT last_seq FROM {}.checkpoints WHERE projection = %s").format(
+                sql.Identifier(schema)
+            ),
+            (projection.name,),
+        )
+        if checkpoint is not None and not restart:
+            return int(checkpoint)
+        for table in projection.tables:
+            await conn.execute(
+                sql.SQL("TRUNCATE {}.{}").format(sql.Identifier(schema), sql.Identifier(table))
+            )
+        await conn.execute(
+            sql.SQL(
+                "INSERT INTO {}.checkpoints (projection) VALUES (%s) ON CONFLICT (projection) "
+                "DO UPDATE SET last_seq = 0, events_applied = 0, updated_at = clock_timestamp()"
+            ).format(sql.Identifier(schema)),
+            (projection.name,),
+        )
+        return 0
+
+
+async def _live_checkpoint(conn: psycopg.AsyncConnection[Any], name: str) -> int:
+    value = await _one(
+        conn, "SELECT last_seq FROM projection.checkpoints WHERE projection = %s", (name,)
+    )
+    if value is None:
+        raise ReplayError(f"no live read model named {name!r}")
+    return int(value)
+
+
+async def plan_rebuild(
+    conn: psycopg.AsyncConnection[Any], projection: Projection, *, restart: bool = False
+) -> Plan:
+    await exclusive(conn, projection, SHADOW_SCHEMA)
+    start = await _prepare(conn, projection, SHADOW_SCHEMA, restart=restart)
+    target = max(await _live_checkpoint(conn, projection.name), await safe_seq(conn))
+    return Plan(projection.name, start, target, await count_events(conn, start, target))
+
+
+async def rebuild(
+    conn: psycopg.AsyncConnection[Any],
+    projection: Projection,
+    *,
+    events_max: int = REPLAY_BATCH_EVENTS_MAX,
+    restart: bool = False,
+    on_batch: OnBatch | None = None,
+) -> int:
+    """Rebuild `projection` from event 1 in the shadow schema and swap it in; returns the
+    checkpoint the new live model starts from."""
+    await exclusive(conn, projection, SHADOW_SCHEMA)
+    await _prepare(conn, projection, SHADOW_SCHEMA, restart=restart)
+    while True:
+        target = max(await _live_checkpoint(conn, projection.name), await safe_seq(conn))
+        shadow = await _catch_up_shadow(conn, projection, target, events_max, on_batch)
+        live = await _live_checkpoint(conn, projection.name)
+        if live - shadow <= SWAP_GAP_EVENTS_MAX:
+            return await _swap(conn, projection, events_max, on_batch)
+
+
+async def _catch_up_shadow(
+    conn: psycopg.AsyncConnection[Any],
+    projection: Projection,
+    target: int,
+    events_max: int,
+    on_batch: OnBatch | None,
+) -> int:
+    await catch_up(
+        conn,
+        projection,
+        until=target,
+        events_max=events_max,
+        schema=SHADOW_SCHEMA,
+        on_batch=on_batch,
+    )
+    value = await _one(
+        conn,
+        "SELECT last_seq FROM projection_shadow.checkpoints WHERE projection = %s",
+        (projection.name,),
+    )
+    return int(value)
+
+
+async def _swap(
+    conn: psycopg.AsyncConnection[Any],
+    projection: Projection,
+    events_max: int,
+    on_batch: OnBatch | None,
+) -> int:
+    async with conn.transaction():
+        await conn.execute(f"SET LOCAL lock_timeout = {SWAP_LOCK_TIMEOUT_MS}")
+        live = await _one(
+            conn,
+            "SELECT last_seq FROM projection.checkpoints WHERE projection = %s FOR UPDATE",
+            (projection.name,),
+        )
+        while True:
+            batch = await apply_batch(
+                conn,
+                projection,
+                until=int(live),
+                events_max=events_max,
+                schema=SHADOW_SCHEMA,
+                wait=True,
+            )
+            assert batch is not None, "the shadow's checkpoint was prepared"
+            if on_batch is not None and batch.upto > batch.after:
+                on_batch(batch)
+            if batch.upto >= live:
+                break
+        shadow = int(
+            await _one(
+                conn,
+                "DELETE FROM projection_shadow.checkpoints WHERE projection = %s "
+                "RETURNING last_seq",
+                (projection.name,),
+            )
+        )
+        for table in projection.tables:
+            grants = await (
+                await conn.execute(
+                    "SELECT a.grantee::regrole::text, a.privilege_type "
+                    "FROM pg_class c, aclexplode(c.relacl) a "
+                    "WHERE c.oid = %s::regclass AND a.grantee <> c.relowner AND a.grantee <> 0",
+                    (f"{LIVE_SCHEMA}.{table}",),
+                )
+            ).fetchall()
+            await conn.execute(
+                sql.SQL("DROP TABLE {}.{}").format(
+                    sql.Identifier(LIVE_SCHEMA), sql.Identifier(table)
+                )
+            )
+            await conn.execute(
+                sql.SQL("ALTER TABLE {}.{} SET SCHEMA {}").format(
+                    sql.Identifier(SHADOW_SCHEMA),
+                    sql.Identifier(table),
+                    sql.Identifier(LIVE_SCHEMA),
+                )
+            )
+            for grantee, privilege in grants:
+                await conn.execute(
+                    sql.SQL("GRANT {} ON {}.{} TO {}").format(
+                        sql.SQL(privilege),
+                        sql.Identifier(LIVE_SCHEMA),
+                        sql.Identifier(table),
+                        sql.Identifier(grantee),
+                    )
+                )
+        await conn.execute(
+            "UPDATE projection.checkpoints SET last_seq = %s, updated_at = clock_timestamp() "
+            "WHERE projection = %s",
+            (shadow, projection.name),
+        )
+    return shadow
+
+
+async def plan_materialise(
+    conn: psycopg.AsyncConnection[Any],
+    projection: Projection,
+    schema: str,
+    until: int,
+    *,
+    restart: bool = False,
+) -> Plan:
+    check_schema_name(schema)
+    await exclusive(conn, projection, schema)
+    horizon = await safe_seq(conn)
+    if until > horizon:
+        raise ReplayError(
+            f"global_seq {until} is past the safe horizon ({horizon}): events up to it may "
+            "still appear; choose an earlier point or wait"
+        )
+    start = await _prepare(conn, projection, schema, restart=restart)
+    if start > until:
+        raise ReplayError(
+            f"{schema}.{projection.name} is already at global_seq {start}, past {until}; "
+            "pass --restart to build it again"
+        )
+    return Plan(projection.name, start, until, await count_events(conn, start, until))
+
+
+async def materialise(
+    conn: psycopg.AsyncConnection[Any],
+    projection: Projection,
+    schema: str,
+    until: int,
+    *,
+    events_max: int = REPLAY_BATCH_EVENTS_MAX,
+    on_batch: OnBatch | None = None,
+) -> int:
+    """Build `projection` into `schema` as it was at global_seq `until` (after
+    `plan_materialise` prepared it); returns the checkpoint reached."""
+    await catch_up(
+        conn, projection, until=until, events_max=events_max, schema=schema, on_batch=on_batch
+    )
+    return until
