@@ -477,7 +477,7 @@ def ledger_verify(
 
 @ledger_app.command("check")
 def ledger_check() -> None:
-    """Fold every event: positions, the zero-sum rule and every stream's state machine."""
+    """Fold every event: positions, zero-sum, state machines, and every read model."""
     _run_ledger_report("check")
 
 
