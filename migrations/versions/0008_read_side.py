@@ -9,6 +9,8 @@ Create Date: 2026-11-24
 - Schema `projection`: the read models and their checkpoints, which the application
   role's projector writes; `projection_shadow`, where `paysaga replay` (the owner)
   rebuilds one.
+- `ledger_append` finds a retried append in a stream whose machine loops (a risk
+  stream), where 0005 hit the unique event id (`0008_ledger_append.sql`).
 - A statement trigger on events notifies `paysaga_events` at commit, to wake projectors.
 """
 
@@ -46,6 +48,8 @@ def upgrade() -> None:
     driver = op.get_bind().connection.driver_connection
     assert driver is not None, "the migration has no database connection"
     driver.execute(sql_file("0008_read_models"))
+    # CREATE OR REPLACE: the function keeps its owner, SECURITY DEFINER and grants.
+    driver.execute(sql_file("0008_ledger_append"))
     op.execute("REVOKE ALL ON FUNCTION ledger_notify_appended() FROM PUBLIC")
     op.execute(f"GRANT USAGE ON SCHEMA projection TO {role}")
     for table in PROJECTION_TABLES.split(", "):
@@ -58,3 +62,10 @@ def downgrade() -> None:
     op.execute("DROP SCHEMA projection_shadow CASCADE")
     op.execute("DROP SCHEMA projection CASCADE")
     _load_rules("0005_ledger_rules")
+    driver = op.get_bind().connection.driver_connection
+    assert driver is not None, "the migration has no database connection"
+    driver.execute(
+        sql_file("0005_ledger_append").replace(
+            "CREATE FUNCTION ledger_append(", "CREATE OR REPLACE FUNCTION ledger_append(", 1
+        )
+    )
