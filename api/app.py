@@ -16,7 +16,7 @@ from temporalio.client import Client
 
 from api import problems
 from api.metrics import ApiMetrics, MetricsServer
-from api.routers import accounts, events, health, payments
+from api.routers import accounts, events, health, payments, risk
 from ledger.store import EventStore
 from paysaga.db import open_store, service_urls
 from paysaga.logs import request_id_var
@@ -110,6 +110,7 @@ async def _refresh_payment_metrics(app: FastAPI) -> None:
         with contextlib.suppress(Exception):
             await app.state.metrics.refresh_payments(app.state.store)
             await app.state.metrics.refresh_ledger_lags(app.state.store)
+            await app.state.metrics.refresh_read_model_lags(app.state.store)
         await asyncio.sleep(PAYMENT_METRICS_REFRESH_S)
 
 
@@ -166,4 +167,5 @@ def create_app(
     app.include_router(accounts.router)
     app.include_router(payments.router)
     app.include_router(events.router)
+    app.include_router(risk.router)
     return app

@@ -21,6 +21,7 @@ from prometheus_client import (
     start_http_server,
 )
 
+from ledger.read_models import ReadModels
 from ledger.state_machine import PAYMENT_STATUS_BY_STATE, TERMINAL_STATES
 from ledger.store import EventStore
 
@@ -71,6 +72,18 @@ class ApiMetrics:
             "Age of the oldest event not yet sealed into a block.",
             registry=self.registry,
         )
+        self.read_model_lag_events = Gauge(
+            "paysaga_read_model_lag_events",
+            "Events in the ledger that a read model has not applied yet.",
+            ["projection"],
+            registry=self.registry,
+        )
+        self.read_model_lag_s = Gauge(
+            "paysaga_read_model_lag_seconds",
+            "Age of the oldest event a read model has not applied yet (0 when caught up).",
+            ["projection"],
+            registry=self.registry,
+        )
 
     async def refresh_payments(self, store: EventStore) -> None:
         """Count ended payments by status, from the ledger's stream heads."""
@@ -85,6 +98,12 @@ class ApiMetrics:
         self.horizon_lag_s.set(lags.horizon_s)
         self.unsealed_events.set(lags.unsealed_events)
         self.unsealed_s.set(lags.unsealed_s)
+
+    async def refresh_read_model_lags(self, store: EventStore) -> None:
+        """How far each read model trails the log."""
+        for lag in await ReadModels(store.engine).lags():
+            self.read_model_lag_events.labels(lag.projection).set(lag.events)
+            self.read_model_lag_s.labels(lag.projection).set(lag.seconds)
 
     def render(self) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)

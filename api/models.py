@@ -144,6 +144,74 @@ class AccountOut(BaseModel):
     position: PositionOut
 
 
+# --- read models (eventually consistent) -------------------------------------------------
+AS_OF_SEQ_DESCRIPTION = (
+    "How fresh this read model is: it holds every ledger event up to this global_seq, "
+    "and none after it."
+)
+
+
+class MovementOut(BaseModel):
+    """What one statement entry moved: signed changes of the four counters."""
+
+    debits_pending: int
+    debits_posted: int
+    credits_pending: int
+    credits_posted: int
+
+
+class RunningBalanceOut(BaseModel):
+    """The account's balance right after a statement entry, in ledger order."""
+
+    debits_pending: int
+    debits_posted: int
+    credits_pending: int
+    credits_posted: int
+    posted: int = Field(description="credits_posted - debits_posted")
+    pending: int = Field(description="credits_pending - debits_pending")
+
+
+class EntryOut(BaseModel):
+    global_seq: int
+    recorded_at: datetime
+    event_type: str
+    payment_id: str
+    movement: MovementOut
+    balance_after: RunningBalanceOut
+
+
+class EntryPage(BaseModel):
+    account_id: str
+    entries: list[EntryOut] = Field(description="In ledger order (global_seq), oldest first.")
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next page; null on the last page."
+    )
+    as_of_seq: int = Field(description=AS_OF_SEQ_DESCRIPTION)
+
+
+class BalanceOut(BaseModel):
+    account_id: str
+    currency: str
+    debits_pending: int
+    debits_posted: int
+    credits_pending: int
+    credits_posted: int
+    posted: int = Field(description="credits_posted - debits_posted")
+    pending: int = Field(description="credits_pending - debits_pending")
+    available: int | None = Field(
+        description="posted - debits_pending + the overdraft limit; null for an unlimited "
+        "(external) account."
+    )
+    as_of: datetime | None = Field(
+        description="The instant asked for (`?as_of=`); null for the current balance."
+    )
+    last_seq: int | None = Field(
+        description="The last ledger event, at or before `as_of`, that moved (or opened) "
+        "the account; null if none had."
+    )
+    as_of_seq: int = Field(description=AS_OF_SEQ_DESCRIPTION)
+
+
 # --- payments -----------------------------------------------------------------------------
 class PaymentCreate(_Request):
     payer_account_id: AccountId
@@ -191,6 +259,7 @@ class PaymentOut(BaseModel):
 class PaymentList(BaseModel):
     payments: list[PaymentOut]
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page.")
+    as_of_seq: int = Field(description=AS_OF_SEQ_DESCRIPTION)
 
 
 class EventOut(BaseModel):

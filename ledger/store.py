@@ -218,18 +218,6 @@ class Lags:
 
 
 @dataclass(frozen=True)
-class PaymentSummary:
-    """A payment as listed: its PaymentInitiated, its stream's state and its last event."""
-
-    initiated_seq: int
-    initiated: dict[str, Any]
-    state: str
-    created_at: datetime
-    updated_at: datetime
-    last_payload: dict[str, Any]
-
-
-@dataclass(frozen=True)
 class OpenPayment:
     """A payment whose stream has no terminal event yet."""
 
@@ -501,41 +489,6 @@ class EventStore:
             position=_position(row),
         )
 
-    async def list_payments(
-        self,
-        *,
-        before_seq: int,
-        limit: int,
-        states: Sequence[str] | None = None,
-        account_id: str | None = None,
-    ) -> list[PaymentSummary]:
-        """Payments newest first (by their PaymentInitiated), with their stream's state.
-
-        `states` filters on the stream state; `account_id` on payer or payee.
-        """
-        if not 1 <= limit <= READ_LIMIT_MAX:
-            raise ValueError(f"limit must be between 1 and {READ_LIMIT_MAX}")
-        rows = await self._fetch(
-            _LIST_PAYMENTS,
-            {
-                "before": before_seq,
-                "states": list(states) if states is not None else None,
-                "account": account_id,
-                "limit": limit,
-            },
-        )
-        return [
-            PaymentSummary(
-                initiated_seq=row.global_seq,
-                initiated=row.payload,
-                state=row.state,
-                created_at=row.created_at,
-                updated_at=row.updated_at,
-                last_payload=row.last_payload,
-            )
-            for row in rows
-        ]
-
     async def open_payments(self, *, idle_s: float, limit: int) -> list[OpenPayment]:
         """Payment streams with no terminal event, idle for `idle_s` or more, oldest first."""
         rows = await self._fetch(_OPEN_PAYMENTS, {"idle_s": idle_s, "limit": limit})
@@ -598,23 +551,6 @@ _ACCOUNT = text(
 )
 
 
-_LIST_PAYMENTS = text(
-    """
-    SELECT e.global_seq, e.payload, e.recorded_at AS created_at, s.state,
-           last.recorded_at AS updated_at, last.payload AS last_payload
-      FROM events e
-      JOIN streams s ON s.stream_id = e.stream_id
-      JOIN events last ON last.global_seq = s.last_seq
-     WHERE e.event_type = 'PaymentInitiated'
-       AND e.global_seq < :before
-       AND (CAST(:states AS text[]) IS NULL OR s.state = ANY (CAST(:states AS text[])))
-       AND (CAST(:account AS text) IS NULL
-            OR e.payload->>'payer_account_id' = :account
-            OR e.payload->>'payee_account_id' = :account)
-     ORDER BY e.global_seq DESC
-     LIMIT :limit
-    """
-)
 _OPEN_PAYMENTS = text(
     """
     SELECT s.stream_id, s.state, last.recorded_at AS last_event_at,

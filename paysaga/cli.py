@@ -136,6 +136,7 @@ def projector() -> None:
     from ledger.db import to_libpq_url
     from ledger.projections import READ_MODELS
     from ledger.projector import Projector
+    from ledger.risk_consumer import risk_consumer
     from paysaga.db import open_store, service_urls
 
     settings = _service_settings()
@@ -149,7 +150,9 @@ def projector() -> None:
             loop.add_signal_handler(sig, stop.set)
         urls = service_urls(settings)
         store = await open_store(urls, pool_size=2)
-        projections = list(READ_MODELS.values())
+        # The risk consumer runs last in each pass: the alerts it appends are projected
+        # into risk_alerts on the next pass. It is no read model, and never replayed.
+        projections = [*READ_MODELS.values(), risk_consumer(store, settings.risk_thresholds())]
         runner = Projector(
             store,
             to_libpq_url(urls.app_url),

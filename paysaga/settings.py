@@ -15,6 +15,15 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ledger.risk_consumer import (
+    AMOUNT_HISTORY_MIN_MAX,
+    AMOUNT_STDDEVS_MAX,
+    DECLINES_IN_ROW_MAX_MAX,
+    VELOCITY_COUNT_MAX_MAX,
+    VELOCITY_WINDOW_S_MAX,
+    RiskThresholds,
+)
+
 # Secrets that ship in the repository. Fine on a laptop, refused anywhere else.
 PLACEHOLDER_SECRETS = frozenset({"dev-insecure-change-me", "changeme", "change-me", "secret", ""})
 
@@ -162,6 +171,42 @@ class Settings(BaseSettings):
         description="PAYSAGA_RISK_VELOCITY_COUNT_MAX: payments one payer may start per window. "
         "External (funding) accounts are exempt.",
     )
+    # The risk consumer's alerts (ledger/risk_consumer.py): flagged, never declined.
+    risk_alert_velocity_window_s: int = Field(
+        default=60,
+        ge=1,
+        le=VELOCITY_WINDOW_S_MAX,
+        description="PAYSAGA_RISK_ALERT_VELOCITY_WINDOW_S: the sliding window of the velocity "
+        "alert.",
+    )
+    risk_alert_velocity_count_max: int = Field(
+        default=20,
+        ge=1,
+        le=VELOCITY_COUNT_MAX_MAX,
+        description="PAYSAGA_RISK_ALERT_VELOCITY_COUNT_MAX: a payer that starts more payments "
+        "than this within the window raises a velocity alert.",
+    )
+    risk_alert_amount_stddevs: int = Field(
+        default=4,
+        ge=1,
+        le=AMOUNT_STDDEVS_MAX,
+        description="PAYSAGA_RISK_ALERT_AMOUNT_STDDEVS: a payment more than this many standard "
+        "deviations above the mean of the payer's earlier payments raises an alert.",
+    )
+    risk_alert_amount_history_min: int = Field(
+        default=10,
+        ge=2,
+        le=AMOUNT_HISTORY_MIN_MAX,
+        description="PAYSAGA_RISK_ALERT_AMOUNT_HISTORY_MIN: earlier payments a payer needs "
+        "before the amount alert applies.",
+    )
+    risk_alert_declines_in_row: int = Field(
+        default=3,
+        ge=1,
+        le=DECLINES_IN_ROW_MAX_MAX,
+        description="PAYSAGA_RISK_ALERT_DECLINES_IN_ROW: this many declined payments of one "
+        "payer in a row (no settled one between) raise an alert.",
+    )
     projector_batch_events_max: int = Field(
         default=5_000,
         ge=1,
@@ -278,6 +323,16 @@ class Settings(BaseSettings):
         return self
 
     # --- Derived values ----------------------------------------------------------------
+    def risk_thresholds(self) -> RiskThresholds:
+        """When the risk consumer raises an alert."""
+        return RiskThresholds(
+            velocity_window_s=self.risk_alert_velocity_window_s,
+            velocity_count_max=self.risk_alert_velocity_count_max,
+            amount_stddevs=self.risk_alert_amount_stddevs,
+            amount_history_min=self.risk_alert_amount_history_min,
+            declines_in_row_max=self.risk_alert_declines_in_row,
+        )
+
     @property
     def data_path(self) -> Path:
         return self.data_dir.expanduser().resolve()

@@ -15,6 +15,8 @@ from ledger.store import EventStore
 from paysaga.settings import Settings
 from tests.harness.api import Api, serve
 from tests.harness.ledger import fund
+from tests.harness.postgres import IsolatedDatabase
+from tests.harness.read_side import project
 from tests.harness.saga import wait_for
 
 PAYMENT = {"payer_account_id": "alice", "payee_account_id": "bob", "currency": "EUR"}
@@ -126,13 +128,15 @@ async def test_the_audit_trail_lists_the_ledger_events_with_their_hash_chain(ban
 
 
 async def test_payments_are_listed_newest_first_filtered_and_paged(
-    bank: Api, store: EventStore
+    bank: Api, store: EventStore, database: IsolatedDatabase
 ) -> None:
     await bank.open_account("carol")
     await fund(store, "carol", 10_000)
     ids = [(await bank.pay("alice", "bob", 100 + i)).json()["id"] for i in range(3)]
     carol = (await bank.pay("carol", "bob", 50)).json()["id"]
     declined = (await bank.pay("alice", "bob", 5, metadata={"simulate": "decline"})).json()["id"]
+    # The list is a read model: it shows what the projector has applied.
+    await project(store, database)
 
     everything = (await bank.get("/v1/payments", params={"limit": 200})).json()["payments"]
     listed = [p["id"] for p in everything]

@@ -11,18 +11,19 @@
 - Reads come from the ledger when the payment has ended, and from the workflow's
   `status` query while it runs. A closed payment never needs Temporal, so a payment
   stays readable after its history is gone from Temporal (retention).
+- The list comes from the payments read model, eventually consistent: each page says
+  how fresh it is (`as_of_seq`).
 - Cancel, approve and reject are Workflow Updates; a validator's refusal is a 409.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import re
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from fastapi import APIRouter, Header, Query, Response
 from temporalio.client import (
@@ -36,6 +37,7 @@ from temporalio.common import QueryRejectCondition
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from api.cursors import decode_cursor, encode_cursor
 from api.deps import (
     CancelKey,
     OpsKey,
@@ -61,6 +63,7 @@ from api.models import (
 )
 from api.problems import COMMON_RESPONSES, FieldError, ProblemError
 from ledger.events import PAYMENT_ID_PATTERN, payment_stream
+from ledger.read_models import SEQ_MAX, PaymentRow, ReadModels
 from ledger.state_machine import PAYMENT_STATUS_BY_STATE, TERMINAL_STATES, replay
 from ledger.store import EventStore, RecordedEvent
 from paysaga.logs import payment_id_var, request_id_var, workflow_id_var
@@ -373,23 +376,6 @@ async def get_payment(
     return await read_payment(store, client, payment_id)
 
 
-def _encode_cursor(seq: int) -> str:
-    return base64.urlsafe_b64encode(str(seq).encode()).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> int:
-    try:
-        padded = cursor + "=" * (-len(cursor) % 4)
-        seq = int(base64.urlsafe_b64decode(padded.encode()).decode())
-    except (ValueError, UnicodeDecodeError):
-        raise ProblemError(
-            400, "invalid_cursor", "the cursor is not one this API gave out"
-        ) from None
-    if seq < 1:
-        raise ProblemError(400, "invalid_cursor", "the cursor is not one this API gave out")
-    return seq
-
-
 @router.get("", response_model=PaymentList)
 async def list_payments(
     store: StoreDep,
@@ -399,20 +385,33 @@ async def list_payments(
     limit: Annotated[int, Query(ge=1, le=LIST_LIMIT_MAX)] = LIST_LIMIT_DEFAULT,
     cursor: Annotated[StorableStr | None, Query(max_length=40)] = None,
 ) -> PaymentList:
-    """Payments, newest first, read from the ledger."""
-    states = None
-    if status is not None:
-        states = [state for state, shown in PAYMENT_STATUS_BY_STATE.items() if shown == status]
-    before = _decode_cursor(cursor) if cursor else 2**63 - 1
-    rows = await store.list_payments(
-        before_seq=before, limit=limit + 1, states=states, account_id=account_id
+    """Payments, newest first, from the payments read model: eventually consistent,
+    `as_of_seq` says how far it has come (`GET /v1/payments/{id}` reads the ledger)."""
+    before = decode_cursor(cursor) if cursor else SEQ_MAX
+    page = await ReadModels(store.engine).payments(
+        before_seq=before, limit=limit + 1, status=status, account_id=account_id
     )
-    payments = [
-        _from_ledger(row.initiated, row.state, row.created_at, row.updated_at, row.last_payload)
-        for row in rows[:limit]
-    ]
-    next_cursor = _encode_cursor(rows[limit - 1].initiated_seq) if len(rows) > limit else None
-    return PaymentList(payments=payments, next_cursor=next_cursor)
+    rows = page.payments
+    payments = [_from_read_model(row) for row in rows[:limit]]
+    next_cursor = encode_cursor(rows[limit - 1].initiated_seq) if len(rows) > limit else None
+    return PaymentList(payments=payments, next_cursor=next_cursor, as_of_seq=page.as_of_seq)
+
+
+def _from_read_model(row: PaymentRow) -> PaymentOut:
+    return PaymentOut(
+        id=row.payment_id,
+        status=cast(PaymentStatus, row.status),
+        status_url=status_url(row.payment_id),
+        payer_account_id=row.payer_account_id,
+        payee_account_id=row.payee_account_id,
+        amount_minor=row.amount_minor,
+        currency=row.currency,
+        reference=row.reference,
+        metadata=row.metadata,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        failure_reason=row.failure_reason,
+    )
 
 
 def event_out(event: RecordedEvent) -> EventOut:

@@ -112,6 +112,9 @@ CREATE TABLE projection.risk_payers (
     -- When the payer's latest payments were initiated, oldest first, at most the
     -- velocity rule's count.
     recent_at        timestamptz[] NOT NULL DEFAULT '{}',
+    -- Whether the latest payment took the payer over the velocity rule's count: a
+    -- burst raises one alert, where it crosses, not one per payment.
+    velocity_over    boolean NOT NULL DEFAULT false,
     declines_in_row  integer NOT NULL DEFAULT 0,
     last_seq         bigint NOT NULL
 );
