@@ -35,6 +35,7 @@ from paysaga.settings import Settings
 from tests.harness.api import Api, make_keys, serve
 from tests.harness.ledger import fund, open_account
 from tests.harness.postgres import IsolatedDatabase, PostgresServer, postgres_server
+from tests.harness.read_side import project
 from tests.harness.saga import Payments
 from tests.harness.temporal import start_dev_server, start_time_skipping_server
 from worker import build_worker, payment_activities
@@ -96,13 +97,15 @@ async def store(database: IsolatedDatabase, app_engine: AsyncEngine) -> AsyncIte
 
 
 @pytest.fixture
-async def bank(store: EventStore) -> AsyncIterator[EventStore]:
-    """alice (5 000.00 EUR), bob (merchant), fees; the ledger verifies and checks after."""
+async def bank(store: EventStore, database: IsolatedDatabase) -> AsyncIterator[EventStore]:
+    """alice (5 000.00 EUR), bob (merchant), fees; after the test, the read models are
+    brought up to date, and the ledger verifies and checks, read models included."""
     await open_account(store, "alice")
     await open_account(store, "bob", kind="merchant")
     await open_account(store, "fees", kind="fees")
     await fund(store, "alice", 500_000)
     yield store
+    await project(store, database)
     for report in (await verify_chain(store.engine), await check_ledger(store.engine)):
         assert report.ok, report.lines()
 

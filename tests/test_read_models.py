@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from ledger.events import PaymentDeclined
 from ledger.projections.check import differences, read_table
 from ledger.projections.fold import ReadModelFold
 from ledger.projections.statement import STATEMENT
@@ -30,6 +31,7 @@ async def _mixed_traffic(bank: EventStore) -> dict[str, Payment]:
         "cancelled": Payment(bank, "alice", "bob", 7_000),
         "failed": Payment(bank, "alice", "bob", 3_000),
         "open": Payment(bank, "alice", "bob", 1_000),
+        "declined": Payment(bank, "alice", "bob", 2_000),
     }
     await payments["settled"].settle_fully()
     await payments["settled_with_fee"].run("initiated", "authorized", "reserved")
@@ -40,6 +42,17 @@ async def _mixed_traffic(bank: EventStore) -> dict[str, Payment]:
     await payments["cancelled"].run("initiated", "cancelled")
     await payments["failed"].run("initiated", "authorized", "voided", "failed")
     await payments["open"].run("initiated", "authorized", "reserved")
+    await payments["declined"].run("initiated")
+    await bank.append(
+        payments["declined"].new(
+            "decline",
+            PaymentDeclined(
+                payment_id=payments["declined"].payment_id,
+                declined_by="processor",
+                reason="do not honour",
+            ),
+        )
+    )
     return payments
 
 
@@ -68,6 +81,7 @@ async def test_each_read_model_equals_a_fold_of_the_log(
         payments["cancelled"].payment_id: "CANCELLED",
         payments["failed"].payment_id: "FAILED",
         payments["open"].payment_id: "RESERVED",
+        payments["declined"].payment_id: "DECLINED",
     }
 
 
