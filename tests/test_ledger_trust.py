@@ -510,7 +510,7 @@ async def test_a_malformed_payload_is_refused_whatever_the_caller(
 
 # --- hostile arguments, at random -----------------------------------------------------------
 EVENT_TYPES = [row.event_type for row in event_type_rows()]
-STREAMS = ("i", "a", "r", "s", "new", "account", "junk")
+STREAMS = ("i", "a", "r", "s", "new", "account", "risk", "junk")
 _JUNK: list[Any] = [
     None,
     0,
@@ -578,6 +578,13 @@ def _valid_payload(event_type: str, payment: Payment, account_id: str) -> dict[s
         "AuthorizationVoided": {**base, "authorization_id": "auth-x", "reason": "x"},
         "PaymentFailed": {**base, "step": "x", "reason": "x"},
         "PaymentCancelled": {**base, "step": "x", "reason": "x", "cancelled_by": "ops"},
+        "RiskAlertRaised": {
+            **base,
+            "account_id": "alice",
+            "rule": "velocity",
+            "trigger_seq": 1,
+            "reason": "x",
+        },
     }
     return copy.deepcopy(shapes[event_type])
 
@@ -591,6 +598,7 @@ NEXT_TYPES = {
     "s": ["PaymentSettled", "FundsReleased", "FundsReserved"],
     "new": ["PaymentInitiated"],
     "account": ["AccountOpened"],
+    "risk": ["RiskAlertRaised"],
     "junk": ["PaymentInitiated"],
 }
 
@@ -640,6 +648,7 @@ def _build(
     stream_id = {
         "new": fresh.stream_id,
         "account": "account-mallory",
+        "risk": "risk-alice",
         "junk": "payment-../../etc",
     }.get(target, payment.stream_id)
     event_type = spec["event_type"]
