@@ -10,9 +10,9 @@ Several projectors may run at once: a batch takes its checkpoint's row lock with
 LOCKED, so a second projector skips a read model the first is applying and never
 applies the same events. `paysaga replay` swaps a rebuilt model in under the same lock.
 
-The projector wakes on `LISTEN paysaga_events` (a trigger on events notifies at each
-commit) and polls every `poll_s` anyway, in case a notification is lost with a
-connection.
+The projector wakes on `LISTEN paysaga_events`: the event store notifies after its
+appends, outside their transactions (ledger/store.py says why). It polls every `poll_s`
+anyway, for appends made some other way and notifications lost with a connection.
 """
 
 from __future__ import annotations
@@ -29,14 +29,13 @@ import psycopg
 from psycopg import sql
 
 from ledger.projections.base import LIVE_SCHEMA, Projection
-from ledger.store import EventStore
+from ledger.store import NOTIFY_CHANNEL, EventStore
 
 log = logging.getLogger("paysaga.projector")
 
 BATCH_EVENTS_MAX = 5_000
 POLL_S_DEFAULT = 1.0
 BACKOFF_S_MAX = 30.0
-NOTIFY_CHANNEL = "paysaga_events"
 
 _BATCH_END = """
 SELECT count(*) AS n, max(global_seq) AS last_seq FROM (

@@ -25,6 +25,7 @@ itself):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -60,11 +61,21 @@ HORIZON_CATCH_UP_S_MAX = 1.0
 HORIZON_RETRY_S_MIN = 0.002
 HORIZON_RETRY_S_MAX = 0.05
 _RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})  # serialization failure, deadlock
+# Projectors LISTEN here (ledger/projector.py).
+NOTIFY_CHANNEL = "paysaga_events"
+# At most one NOTIFY in flight per store, and at most one per this interval.
+NOTIFY_INTERVAL_S_MIN = 0.005
 
 _EVENT_COLUMNS = (
     "global_seq, stream_id, stream_version, event_id, event_type, schema_version, payload, "
     "actor, correlation_id, causation_id, attempt, recorded_at, prev_hash, hash"
 )
+
+# Its own transaction, never the append's: a NOTIFY takes a database-wide lock at commit
+# and holds it through the commit's WAL flush, so a NOTIFY inside ledger_append's
+# transaction made concurrent appends commit one at a time (bench/replay.py measured
+# 1,664 against 2,282 events/s at saturation). This one has nothing to make durable.
+_NOTIFY = f"SELECT set_config('synchronous_commit', 'off', true), pg_notify('{NOTIFY_CHANNEL}', '')"
 
 _APPEND = """
     SELECT * FROM ledger_append(
@@ -233,6 +244,39 @@ class PayerActivity:
     recent_payments: int
 
 
+class _Waker:
+    """Wakes the projectors after appends: coalesces any number of pokes into at most one
+    NOTIFY in flight, at most one per NOTIFY_INTERVAL_S_MIN, and always one after the
+    last poke. Best effort: a projector also polls."""
+
+    def __init__(self, pool: AsyncConnectionPool) -> None:
+        self.pool = pool
+        self._pending = False
+        self._task: asyncio.Task[None] | None = None
+
+    def poke(self) -> None:
+        self._pending = True
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._notify())
+
+    async def _notify(self) -> None:
+        while self._pending:
+            self._pending = False
+            try:
+                async with self.pool.connection() as conn:
+                    await conn.execute(_NOTIFY)
+            except (psycopg.Error, PoolTimeout) as error:
+                log.debug("could not notify the projectors", extra={"error": str(error)})
+                return
+            await asyncio.sleep(NOTIFY_INTERVAL_S_MIN)
+
+    async def close(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
 class EventStore:
     """The ledger's store: appends through psycopg's pool, reads through SQLAlchemy."""
 
@@ -248,6 +292,7 @@ class EventStore:
         self.appends = appends
         self.append_attempts_max = append_attempts_max
         self._owns_engine = owns_engine
+        self._waker = _Waker(appends)
 
     @classmethod
     async def open(
@@ -281,6 +326,7 @@ class EventStore:
         return cls(engine, appends, owns_engine=owns_engine)
 
     async def close(self) -> None:
+        await self._waker.close()
         await self.appends.close()
         if self._owns_engine:
             await self.engine.dispose()
@@ -305,6 +351,8 @@ class EventStore:
             "expected_version": expected_version,
         }
         row = await self._append_with_retries(new, params)
+        if row.appended:
+            self._waker.poke()
         return AppendResult(
             event=RecordedEvent(
                 global_seq=row.global_seq,

@@ -172,7 +172,7 @@ async def test_a_projector_killed_again_and_again_under_writes_converges(
 
     async def write() -> None:
         while not stop.is_set():
-            await Payment(bank, "alice", "bob", 250).settle_fully()
+            await Payment(bank, "alice", "bob", 1).settle_fully()
 
     writer = asyncio.create_task(write())
     try:

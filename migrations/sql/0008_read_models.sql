@@ -118,15 +118,3 @@ CREATE TABLE projection.risk_payers (
     declines_in_row  integer NOT NULL DEFAULT 0,
     last_seq         bigint NOT NULL
 );
-
--- Wakes the projector: one notification per appending transaction (PostgreSQL folds
--- identical notifications of one transaction into one), delivered at commit.
-CREATE FUNCTION ledger_notify_appended() RETURNS trigger
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    PERFORM pg_notify('paysaga_events', '');
-    RETURN NULL;
-END
-$$;
-CREATE TRIGGER events_notify_appended AFTER INSERT ON events
-    FOR EACH STATEMENT EXECUTE FUNCTION ledger_notify_appended();

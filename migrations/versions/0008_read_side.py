@@ -11,7 +11,6 @@ Create Date: 2026-11-24
   rebuilds one.
 - `ledger_append` finds a retried append in a stream whose machine loops (a risk
   stream), where 0005 hit the unique event id (`0008_ledger_append.sql`).
-- A statement trigger on events notifies `paysaga_events` at commit, to wake projectors.
 """
 
 from __future__ import annotations
@@ -50,15 +49,12 @@ def upgrade() -> None:
     driver.execute(sql_file("0008_read_models"))
     # CREATE OR REPLACE: the function keeps its owner, SECURITY DEFINER and grants.
     driver.execute(sql_file("0008_ledger_append"))
-    op.execute("REVOKE ALL ON FUNCTION ledger_notify_appended() FROM PUBLIC")
     op.execute(f"GRANT USAGE ON SCHEMA projection TO {role}")
     for table in PROJECTION_TABLES.split(", "):
         op.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON projection.{table} TO {role}")
 
 
 def downgrade() -> None:
-    op.execute("DROP TRIGGER events_notify_appended ON events")
-    op.execute("DROP FUNCTION ledger_notify_appended()")
     op.execute("DROP SCHEMA projection_shadow CASCADE")
     op.execute("DROP SCHEMA projection CASCADE")
     _load_rules("0005_ledger_rules")
