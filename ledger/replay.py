@@ -33,6 +33,9 @@ from ledger.projector import Batch, apply_batch, catch_up
 
 REPLAY_BATCH_EVENTS_MAX = 50_000
 HORIZON_CALLS_MAX = 40
+# A replay's batches sort and hash tens of thousands of rows: in memory, not on disk
+# (measured on the statement: 10.5 s against 11.0 s for a million events).
+REPLAY_WORK_MEM = "64MB"
 SWAP_LOCK_TIMEOUT_MS = 10_000
 # Once the shadow is this close to its target, the swap's transaction applies the rest.
 SWAP_GAP_EVENTS_MAX = REPLAY_BATCH_EVENTS_MAX
@@ -125,6 +128,7 @@ async def _prepare(
 ) -> int:
     """The tables and checkpoint of `projection` in `schema`, made LIKE the live ones;
     the checkpoint to resume from (0 for a fresh build)."""
+    await conn.execute(sql.SQL("SET work_mem = {}").format(sql.Literal(REPLAY_WORK_MEM)))
     async with conn.transaction():
         await conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
         for table in ("checkpoints", *projection.tables):

@@ -4,7 +4,11 @@ and the statement.
 A hold moves pending on both sides: FundsReserved adds it, FundsReleased and
 PaymentSettled take it back. The hold is the payment's PaymentInitiated, found by one
 unique-index seek (stream version 1): the ledger refuses a FundsReserved that differs
-from it in payer, payee, amount or currency. A settlement then posts its postings.
+from it in payer, payee, amount or currency. A settlement then posts: the ledger has
+already checked its postings (only the payer is debited, by exactly the hold; only the
+payee and fees accounts are credited), so the payer's row and the payee's row are known,
+and only the other credited accounts need their postings summed. One row per (event,
+account), with no aggregate over the batch.
 """
 
 from __future__ import annotations
@@ -19,36 +23,39 @@ ev AS (
      WHERE e.global_seq > %(after)s AND e.global_seq <= %(upto)s
        AND e.event_type IN ('FundsReserved', 'FundsReleased', 'PaymentSettled')
 ),
-raw_moves AS (
-    SELECT ev.global_seq, ev.recorded_at, ev.event_type, i.payload->>'payment_id' AS payment_id,
-           x.account_id, x.dp, 0::bigint AS dpo, x.cp, 0::bigint AS cpo
-      FROM ev
-      JOIN events i ON i.stream_id = ev.stream_id AND i.stream_version = 1
-      CROSS JOIN LATERAL (
-          SELECT CASE WHEN ev.event_type = 'FundsReserved' THEN 1 ELSE -1 END
-                 * (i.payload->>'amount_minor')::bigint AS amount
-      ) AS h
-      CROSS JOIN LATERAL (VALUES
-          (i.payload->>'payer_account_id', h.amount, 0::bigint),
-          (i.payload->>'payee_account_id', 0::bigint, h.amount)
-      ) AS x(account_id, dp, cp)
-    UNION ALL
-    SELECT ev.global_seq, ev.recorded_at, ev.event_type, ev.payload->>'payment_id',
-           p.account_id, 0::bigint,
-           CASE WHEN p.side = 'debit' THEN p.amount_minor ELSE 0 END,
-           0::bigint,
-           CASE WHEN p.side = 'credit' THEN p.amount_minor ELSE 0 END
-      FROM ev
-      CROSS JOIN LATERAL jsonb_to_recordset(ev.payload->'postings')
-           AS p(account_id text, side text, amount_minor bigint)
-     WHERE ev.event_type = 'PaymentSettled'
-),
 moves AS (
-    SELECT global_seq, account_id, min(recorded_at) AS recorded_at,
-           min(event_type) AS event_type, min(payment_id) AS payment_id,
-           sum(dp)::bigint AS dp, sum(dpo)::bigint AS dpo,
-           sum(cp)::bigint AS cp, sum(cpo)::bigint AS cpo
-      FROM raw_moves
-     GROUP BY global_seq, account_id
+    SELECT ev.global_seq, ev.recorded_at, ev.event_type, h.payment_id,
+           x.account_id, x.dp, x.dpo, x.cp, x.cpo
+      FROM ev
+      -- LIMIT 1: one index seek per event, never a scan of the whole log per batch.
+      CROSS JOIN LATERAL (
+          SELECT i.payload FROM events i
+           WHERE i.stream_id = ev.stream_id AND i.stream_version = 1 LIMIT 1
+      ) AS i
+      CROSS JOIN LATERAL (
+          SELECT i.payload->>'payment_id' AS payment_id,
+                 i.payload->>'payer_account_id' AS payer,
+                 i.payload->>'payee_account_id' AS payee,
+                 (i.payload->>'amount_minor')::bigint
+                 * CASE ev.event_type WHEN 'FundsReserved' THEN 1 ELSE -1 END AS hold,
+                 CASE WHEN ev.event_type = 'PaymentSettled'
+                      THEN (i.payload->>'amount_minor')::bigint ELSE 0 END AS posted
+      ) AS h
+      CROSS JOIN LATERAL (
+          SELECT h.payer, h.hold, h.posted, 0::bigint, 0::bigint
+          UNION ALL
+          SELECT h.payee, 0::bigint, 0::bigint, h.hold,
+                 CASE WHEN h.posted = 0 THEN 0::bigint ELSE (
+                     SELECT coalesce(sum(p.amount_minor), 0)::bigint
+                       FROM jsonb_to_recordset(ev.payload->'postings')
+                            AS p(account_id text, side text, amount_minor bigint)
+                      WHERE p.side = 'credit' AND p.account_id = h.payee) END
+          UNION ALL
+          SELECT p.account_id, 0::bigint, 0::bigint, 0::bigint, sum(p.amount_minor)::bigint
+            FROM jsonb_to_recordset(CASE WHEN h.posted <> 0 THEN ev.payload->'postings' END)
+                 AS p(account_id text, side text, amount_minor bigint)
+           WHERE p.side = 'credit' AND p.account_id <> h.payee
+           GROUP BY p.account_id
+      ) AS x(account_id, dp, dpo, cp, cpo)
 )
 """

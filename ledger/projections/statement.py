@@ -21,21 +21,24 @@ from ledger.projections.moves import MOVES_CTE
 _DELTAS = ("dp", "dpo", "cp", "cpo")
 _COLUMNS = ("debits_pending", "debits_posted", "credits_pending", "credits_posted")
 
+# Both running positions come from one sort, in the ledger's order: the time-order
+# columns take the same sums from the account's last row in time order. That is right
+# unless a new row belongs before an older one in time (one stored already, or one of
+# this batch); those accounts are returned, and _REORDER recomputes their time columns.
 _APPEND = (
     "WITH "
     + MOVES_CTE
     + """,
 first_new AS (
-    SELECT DISTINCT ON (account_id) account_id, recorded_at AS k0_at, global_seq AS k0_seq
-      FROM moves ORDER BY account_id, recorded_at, global_seq
+    SELECT account_id, min(recorded_at) AS k0_at FROM moves GROUP BY account_id
 ),
 acct AS (
-    SELECT f.account_id, f.k0_at, f.k0_seq,
+    SELECT f.account_id, f.k0_at,
            coalesce(s.debits_pending, 0) AS s_dp, coalesce(s.debits_posted, 0) AS s_dpo,
            coalesce(s.credits_pending, 0) AS s_cp, coalesce(s.credits_posted, 0) AS s_cpo,
            coalesce(t.at_debits_pending, 0) AS t_dp, coalesce(t.at_debits_posted, 0) AS t_dpo,
            coalesce(t.at_credits_pending, 0) AS t_cp, coalesce(t.at_credits_posted, 0) AS t_cpo,
-           t.recorded_at AS t_at, t.global_seq AS t_seq
+           t.recorded_at AS t_at
       FROM first_new f
       LEFT JOIN LATERAL (
           SELECT x.debits_pending, x.debits_posted, x.credits_pending, x.credits_posted
@@ -43,9 +46,20 @@ acct AS (
            ORDER BY x.global_seq DESC LIMIT 1) AS s ON true
       LEFT JOIN LATERAL (
           SELECT x.at_debits_pending, x.at_debits_posted, x.at_credits_pending,
-                 x.at_credits_posted, x.recorded_at, x.global_seq
+                 x.at_credits_posted, x.recorded_at
             FROM {s}.entries x WHERE x.account_id = f.account_id
            ORDER BY x.recorded_at DESC, x.global_seq DESC LIMIT 1) AS t ON true
+),
+numbered AS (
+    SELECT m.account_id, m.global_seq, m.recorded_at, m.event_type, m.payment_id,
+           m.dp, m.dpo, m.cp, m.cpo,
+           sum(m.dp) OVER by_seq AS c_dp, sum(m.dpo) OVER by_seq AS c_dpo,
+           sum(m.cp) OVER by_seq AS c_cp, sum(m.cpo) OVER by_seq AS c_cpo,
+           -- A batch's rows of one account out of time order have at least one
+           -- adjacent pair out of order.
+           m.recorded_at < lag(m.recorded_at) OVER by_seq AS late
+      FROM moves m
+    WINDOW by_seq AS (PARTITION BY m.account_id ORDER BY m.global_seq)
 ),
 appended AS (
     INSERT INTO {s}.entries (
@@ -53,20 +67,19 @@ appended AS (
         debits_pending_delta, debits_posted_delta, credits_pending_delta, credits_posted_delta,
         debits_pending, debits_posted, credits_pending, credits_posted,
         at_debits_pending, at_debits_posted, at_credits_pending, at_credits_posted)
-    SELECT m.account_id, m.global_seq, m.recorded_at, m.event_type, m.payment_id,
-           m.dp, m.dpo, m.cp, m.cpo,
-           (a.s_dp + sum(m.dp) OVER by_seq)::bigint, (a.s_dpo + sum(m.dpo) OVER by_seq)::bigint,
-           (a.s_cp + sum(m.cp) OVER by_seq)::bigint, (a.s_cpo + sum(m.cpo) OVER by_seq)::bigint,
-           (a.t_dp + sum(m.dp) OVER by_time)::bigint,
-           (a.t_dpo + sum(m.dpo) OVER by_time)::bigint,
-           (a.t_cp + sum(m.cp) OVER by_time)::bigint,
-           (a.t_cpo + sum(m.cpo) OVER by_time)::bigint
-      FROM moves m JOIN acct a USING (account_id)
-    WINDOW by_seq AS (PARTITION BY m.account_id ORDER BY m.global_seq),
-           by_time AS (PARTITION BY m.account_id ORDER BY m.recorded_at, m.global_seq)
+    SELECT n.account_id, n.global_seq, n.recorded_at, n.event_type, n.payment_id,
+           n.dp, n.dpo, n.cp, n.cpo,
+           (a.s_dp + n.c_dp)::bigint, (a.s_dpo + n.c_dpo)::bigint,
+           (a.s_cp + n.c_cp)::bigint, (a.s_cpo + n.c_cpo)::bigint,
+           (a.t_dp + n.c_dp)::bigint, (a.t_dpo + n.c_dpo)::bigint,
+           (a.t_cp + n.c_cp)::bigint, (a.t_cpo + n.c_cpo)::bigint
+      FROM numbered n JOIN acct a USING (account_id)
 )
-SELECT account_id, k0_at, k0_seq FROM acct
- WHERE t_at IS NOT NULL AND (t_at, t_seq) > (k0_at, k0_seq)
+SELECT a.account_id, a.k0_at FROM acct a WHERE a.t_at > a.k0_at
+UNION
+SELECT a.account_id, a.k0_at
+  FROM acct a JOIN (SELECT DISTINCT n.account_id FROM numbered n WHERE n.late) AS l
+    ON l.account_id = a.account_id
 """
 )
 
@@ -82,17 +95,16 @@ UPDATE {s}.entries e
            (coalesce(b.at_debits_posted, 0) + sum(y.debits_posted_delta) OVER w)::bigint AS dpo,
            (coalesce(b.at_credits_pending, 0) + sum(y.credits_pending_delta) OVER w)::bigint AS cp,
            (coalesce(b.at_credits_posted, 0) + sum(y.credits_posted_delta) OVER w)::bigint AS cpo
-        FROM unnest(%(accounts)s::text[], %(k0_at)s::timestamptz[], %(k0_seq)s::bigint[])
-             AS f(account_id, k0_at, k0_seq)
+        FROM unnest(%(accounts)s::text[], %(k0_at)s::timestamptz[]) AS f(account_id, k0_at)
         LEFT JOIN LATERAL (
             SELECT x.at_debits_pending, x.at_debits_posted, x.at_credits_pending,
                    x.at_credits_posted
               FROM {s}.entries x
              WHERE x.account_id = f.account_id
-               AND (x.recorded_at, x.global_seq) < (f.k0_at, f.k0_seq)
+               AND x.recorded_at < f.k0_at
              ORDER BY x.recorded_at DESC, x.global_seq DESC LIMIT 1) AS b ON true
         JOIN {s}.entries y
-          ON y.account_id = f.account_id AND (y.recorded_at, y.global_seq) >= (f.k0_at, f.k0_seq)
+          ON y.account_id = f.account_id AND y.recorded_at >= f.k0_at
       WINDOW w AS (PARTITION BY y.account_id ORDER BY y.recorded_at, y.global_seq)
   ) AS x
  WHERE e.account_id = x.account_id AND e.global_seq = x.global_seq
@@ -108,7 +120,6 @@ async def apply(conn: psycopg.AsyncConnection[Any], schema: str, after: int, upt
             {
                 "accounts": [row[0] for row in late],
                 "k0_at": [row[1] for row in late],
-                "k0_seq": [row[2] for row in late],
             },
         )
 
