@@ -611,7 +611,10 @@ async def _replay(
             check_schema_name(into)
     except ReplayError as error:
         fail(str(error), code=2)
-    conn = await psycopg.AsyncConnection.connect(to_libpq_url(url), autocommit=True)
+    try:
+        conn = await psycopg.AsyncConnection.connect(to_libpq_url(url), autocommit=True)
+    except psycopg.OperationalError as error:
+        fail(f"cannot reach the database ({error}); is `paysaga up` running?")
     try:
         until_seq: int | None = None
         if into is not None:
