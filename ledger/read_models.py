@@ -15,11 +15,14 @@ Each read is a bounded index scan:
   cost is O(log n) in the account's history, never a scan;
 - `entries`: a range of the (account_id, global_seq) primary key, at most `limit` rows;
 - `payments`: a backward range of (initiated_seq), (status, initiated_seq), or the
-  payer and payee indexes merged, at most `limit` rows each.
+  payer and payee indexes merged, at most `limit` rows each;
+- `risk_alerts`: a backward range of (global_seq), (account_id, global_seq) or (rule,
+  global_seq), at most `limit` rows.
 """
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -29,6 +32,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger.projector import Lag
+from ledger.store import PositionFigures
 
 PAGE_ROWS_MAX = 1_000
 SEQ_MAX = 2**63 - 1
@@ -40,7 +44,7 @@ PAYMENTS_CHECKPOINT = "payments"
 
 
 @dataclass(frozen=True)
-class Balance:
+class Balance(PositionFigures):
     """An account's balance as a read model holds it: current, or at an instant."""
 
     account_id: str
@@ -54,26 +58,6 @@ class Balance:
     # The last event at or before the read that moved it (or opened it, for the current
     # balance); None when there is none yet.
     last_seq: int | None
-
-    @property
-    def posted_minor(self) -> int:
-        return self.credits_posted - self.debits_posted
-
-    @property
-    def pending_minor(self) -> int:
-        return self.credits_pending - self.debits_pending
-
-    @property
-    def available_minor(self) -> int | None:
-        """What could be reserved; None for an unlimited (external) account."""
-        if self.overdraft_limit_minor is None:
-            return None
-        return (
-            self.credits_posted
-            - self.debits_posted
-            - self.debits_pending
-            + self.overdraft_limit_minor
-        )
 
 
 @dataclass(frozen=True)
@@ -246,6 +230,63 @@ _LAGS = text(
 )
 
 
+RISK_ALERTS_CHECKPOINT = "risk_alerts"
+
+
+@dataclass(frozen=True)
+class RiskAlertRow:
+    """One RiskAlertRaised, as listed."""
+
+    global_seq: int
+    event_id: uuid.UUID
+    account_id: str
+    rule: str
+    payment_id: str
+    trigger_seq: int
+    reason: str
+    raised_at: datetime
+
+
+@dataclass(frozen=True)
+class RiskAlertsPage:
+    alerts: list[RiskAlertRow]
+    as_of_seq: int
+
+
+_ALERT_COLUMNS = (
+    "global_seq, event_id, account_id, rule, payment_id, trigger_seq, reason, raised_at"
+)
+
+
+def _risk_alerts_page(*, by_account: bool, by_rule: bool) -> TextClause:
+    """The page query for one combination of filters, each planned as its own index scan."""
+    filters = "".join(
+        (
+            " AND account_id = :account" if by_account else "",
+            " AND rule = :rule" if by_rule else "",
+        )
+    )
+    return text(
+        f"""
+        SELECT c.last_seq AS as_of_seq, r.*
+          FROM projection.checkpoints c
+          LEFT JOIN LATERAL (
+              SELECT {_ALERT_COLUMNS} FROM projection.risk_alerts
+               WHERE global_seq < :before{filters}
+               ORDER BY global_seq DESC LIMIT :limit) AS r ON true
+         WHERE c.projection = :checkpoint
+         ORDER BY r.global_seq DESC
+        """
+    )
+
+
+_RISK_ALERTS_PAGES = {
+    (by_account, by_rule): _risk_alerts_page(by_account=by_account, by_rule=by_rule)
+    for by_account in (False, True)
+    for by_rule in (False, True)
+}
+
+
 class ReadModels:
     """The read models the API serves, read through the services' engine."""
 
@@ -372,6 +413,45 @@ class ReadModels:
             if row.payment_id is not None
         ]
         return PaymentsPage(payments=payments, as_of_seq=int(rows[0].as_of_seq))
+
+    async def risk_alerts(
+        self,
+        *,
+        before_seq: int = SEQ_MAX,
+        limit: int,
+        account_id: str | None = None,
+        rule: str | None = None,
+    ) -> RiskAlertsPage:
+        """Alerts newest first, raised before `before_seq`, at most `limit`, optionally of
+        one payer and one rule."""
+        _check_limit(limit)
+        rows = await self._fetch(
+            _RISK_ALERTS_PAGES[(account_id is not None, rule is not None)],
+            {
+                "before": before_seq,
+                "limit": limit,
+                "account": account_id,
+                "rule": rule,
+                "checkpoint": RISK_ALERTS_CHECKPOINT,
+            },
+        )
+        # The checkpoint row anchors the read; migration 0008 creates it.
+        assert rows, "the risk_alerts checkpoint row is missing"
+        alerts = [
+            RiskAlertRow(
+                global_seq=row.global_seq,
+                event_id=row.event_id,
+                account_id=row.account_id,
+                rule=row.rule,
+                payment_id=row.payment_id,
+                trigger_seq=row.trigger_seq,
+                reason=row.reason,
+                raised_at=row.raised_at,
+            )
+            for row in rows
+            if row.global_seq is not None
+        ]
+        return RiskAlertsPage(alerts=alerts, as_of_seq=int(rows[0].as_of_seq))
 
     async def lags(self) -> list[Lag]:
         """Each checkpoint's lag behind the newest event, in events and in seconds."""

@@ -141,18 +141,15 @@ class AppendResult:
     checked_at: datetime  # the ledger's clock when it answered
 
 
-@dataclass(frozen=True)
-class Position:
-    """An account's position, as in TigerBeetle, read straight from the ledger."""
+class PositionFigures:
+    """What a position's four counters add up to (a mixin of the dataclasses that hold
+    them: Position here, the read models' Balance)."""
 
-    account_id: str
-    currency: str
     overdraft_limit_minor: int | None
     debits_pending: int
     debits_posted: int
     credits_pending: int
     credits_posted: int
-    last_seq: int
 
     @property
     def posted_minor(self) -> int:
@@ -173,6 +170,20 @@ class Position:
             - self.debits_pending
             + self.overdraft_limit_minor
         )
+
+
+@dataclass(frozen=True)
+class Position(PositionFigures):
+    """An account's position, as in TigerBeetle, read straight from the ledger."""
+
+    account_id: str
+    currency: str
+    overdraft_limit_minor: int | None
+    debits_pending: int
+    debits_posted: int
+    credits_pending: int
+    credits_posted: int
+    last_seq: int
 
 
 @dataclass(frozen=True)

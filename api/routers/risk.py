@@ -17,7 +17,7 @@ from api.cursors import decode_cursor, encode_cursor
 from api.deps import OpsKey, StoreDep
 from api.problems import COMMON_RESPONSES
 from ledger.events import ACCOUNT_ID_PATTERN, RiskRule
-from ledger.risk_alerts_read import SEQ_MAX, RiskAlertRow, risk_alerts
+from ledger.read_models import SEQ_MAX, ReadModels, RiskAlertRow
 
 router = APIRouter(prefix="/v1/risk", tags=["risk"], responses=COMMON_RESPONSES)
 
@@ -78,8 +78,8 @@ async def list_risk_alerts(
     Needs the `ops` scope.
     """
     before = decode_cursor(cursor, RISK_CURSOR_TAG) if cursor is not None else SEQ_MAX
-    page = await risk_alerts(
-        store.engine, before_seq=before, limit=limit + 1, account_id=account_id, rule=rule
+    page = await ReadModels(store.engine).risk_alerts(
+        before_seq=before, limit=limit + 1, account_id=account_id, rule=rule
     )
     rows = page.alerts
     next_cursor = (
