@@ -206,3 +206,42 @@ async def test_the_replay_command_rebuilds_materialises_and_refuses_bad_requests
         assert refused.returncode != 0, args
         assert message in " ".join(refused.stderr.split()), (args, refused.stderr)
     assert (await check_ledger(bank.engine)).ok
+
+
+async def test_a_read_model_the_app_role_tampers_with_is_named_by_check_and_mended_by_replay(
+    bank: EventStore, database: IsolatedDatabase
+) -> None:
+    await _traffic(bank, n=5)
+    await project(bank, database)
+    app = await psycopg.AsyncConnection.connect(
+        to_libpq_url(database.urls.app_url), autocommit=True
+    )
+    try:
+        # The projector's role never deletes a row or a checkpoint...
+        for statement in (
+            "DELETE FROM projection.payments",
+            "DELETE FROM projection.checkpoints",
+            "INSERT INTO projection.checkpoints (projection) VALUES ('mine')",
+            "TRUNCATE projection.entries",
+            "DROP TABLE projection.balances",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                await app.execute(statement)
+        # ... but it updates rows, so a compromised service could lie in a read model.
+        await app.execute(
+            "UPDATE projection.balances SET credits_posted = credits_posted + 1000000 "
+            "WHERE account_id = 'bob'"
+        )
+    finally:
+        await app.close()
+    report = await check_ledger(bank.engine)
+    assert not report.ok
+    assert [v.rule for v in report.violations] == ["read-model"]
+    assert "balances: row ('bob',): credits_posted=" in report.violations[0].message
+
+    owner = await _owner(database)
+    try:
+        await rebuild(owner, READ_MODELS["balances"])
+    finally:
+        await owner.close()
+    assert (await check_ledger(bank.engine)).ok

@@ -7,7 +7,8 @@ Create Date: 2026-11-24
 - The catalog learns `RiskAlertRaised`, on a payer's own `risk-<account>` stream
   (`0008_ledger_rules.sql`, rendered by `python -m ledger.rules`).
 - Schema `projection`: the read models and their checkpoints, which the application
-  role's projector writes; `projection_shadow`, where `paysaga replay` (the owner)
+  role's projector writes (SELECT, INSERT and UPDATE; only SELECT and UPDATE on the
+  checkpoints); `projection_shadow`, where `paysaga replay` (the owner)
   rebuilds one.
 - `ledger_append` finds a retried append in a stream whose machine loops (a risk
   stream), where 0005 hit the unique event id (`0008_ledger_append.sql`).
@@ -50,8 +51,12 @@ def upgrade() -> None:
     # CREATE OR REPLACE: the function keeps its owner, SECURITY DEFINER and grants.
     driver.execute(sql_file("0008_ledger_append"))
     op.execute(f"GRANT USAGE ON SCHEMA projection TO {role}")
+    # What the projector needs and no more: it adds and updates rows, never deletes
+    # them, and it moves checkpoints, never adds or removes one.
+    op.execute(f"GRANT SELECT, UPDATE ON projection.checkpoints TO {role}")
     for table in PROJECTION_TABLES.split(", "):
-        op.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON projection.{table} TO {role}")
+        if table != "checkpoints":
+            op.execute(f"GRANT SELECT, INSERT, UPDATE ON projection.{table} TO {role}")
 
 
 def downgrade() -> None:
