@@ -28,7 +28,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from ledger.projections.base import LIVE_SCHEMA, Projection
+from ledger.projections.base import LIVE_SCHEMA, Projection, statement
 from ledger.store import NOTIFY_CHANNEL, EventStore
 
 log = logging.getLogger("paysaga.projector")
@@ -84,7 +84,7 @@ async def apply_batch(
     (`wait=False`), or the model has no checkpoint in `schema`."""
     lock = _LOCK_CHECKPOINT + ("" if wait else " SKIP LOCKED")
     async with conn.transaction():
-        cursor = await conn.execute(_in(lock, schema), {"name": projection.name})
+        cursor = await conn.execute(statement(lock, schema), {"name": projection.name})
         row = await cursor.fetchone()
         if row is None:
             return None
@@ -98,7 +98,7 @@ async def apply_batch(
         upto = until if n < events_max or last_seq is None else int(last_seq)
         await projection.apply(conn, schema, after, upto)
         await conn.execute(
-            _in(_MOVE_CHECKPOINT, schema), {"upto": upto, "n": n, "name": projection.name}
+            statement(_MOVE_CHECKPOINT, schema), {"upto": upto, "n": n, "name": projection.name}
         )
     return Batch(after, upto, int(n))
 
@@ -126,34 +126,6 @@ async def catch_up(
             on_batch(batch)
         if batch.upto >= until:
             return applied
-
-
-async def read_model_lags(conn: psycopg.AsyncConnection[Any]) -> list[Lag]:
-    """Each live read model's lag behind the newest event."""
-    cursor = await conn.execute(
-        """
-        SELECT c.projection, c.last_seq, c.updated_at,
-               greatest(0, coalesce((SELECT max(global_seq) FROM events), 0) - c.last_seq),
-               coalesce(extract(epoch FROM clock_timestamp() - (
-                   SELECT e.recorded_at FROM events e WHERE e.global_seq > c.last_seq
-                    ORDER BY e.global_seq LIMIT 1)), 0)
-          FROM projection.checkpoints c ORDER BY c.projection
-        """
-    )
-    return [
-        Lag(
-            projection=r[0],
-            last_seq=int(r[1]),
-            updated_at=r[2],
-            events=int(r[3]),
-            seconds=float(r[4]),
-        )
-        for r in await cursor.fetchall()
-    ]
-
-
-def _in(text: str, schema: str) -> sql.Composed:
-    return sql.SQL(text).format(s=sql.Identifier(schema))
 
 
 class Projector:

@@ -22,17 +22,19 @@ Each read is a bounded index scan:
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import TextClause, text
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger.projector import Lag
-from ledger.store import PositionFigures
+from ledger.store import PositionFigures, fetch_all
+
+T = TypeVar("T")
 
 PAGE_ROWS_MAX = 1_000
 SEQ_MAX = 2**63 - 1
@@ -216,7 +218,7 @@ _PAYMENTS = {
     for by_account in (False, True)
 }
 
-# The same as `ledger.projector.read_model_lags`, through SQLAlchemy (the API's engine).
+# Each read model's lag behind the newest event, in events and seconds.
 _LAGS = text(
     """
     SELECT c.projection, c.last_seq, c.updated_at,
@@ -294,16 +296,7 @@ class ReadModels:
         self.engine = engine
 
     async def _fetch(self, statement: TextClause, params: dict[str, Any]) -> list[Any]:
-        """Run one read. A connection lost to a database restart is retried once: reads
-        are safe to repeat, and the pool drops the dead connections on the first error."""
-        for attempt in (1, 2):
-            try:
-                async with self.engine.connect() as conn:
-                    return list((await conn.execute(statement, params)).all())
-            except DBAPIError as error:
-                if attempt == 2 or not error.connection_invalidated:
-                    raise
-        raise AssertionError("unreachable: the loop returns or raises")
+        return await fetch_all(self.engine, statement, params)
 
     async def _one(self, statement: TextClause, params: dict[str, Any]) -> Any:
         rows = await self._fetch(statement, params)
@@ -345,24 +338,7 @@ class ReadModels:
             },
         )
         assert rows, "the statement's checkpoint row is missing"
-        entries = [
-            StatementEntry(
-                global_seq=row.global_seq,
-                recorded_at=row.recorded_at,
-                event_type=row.event_type,
-                payment_id=row.payment_id,
-                debits_pending_delta=row.debits_pending_delta,
-                debits_posted_delta=row.debits_posted_delta,
-                credits_pending_delta=row.credits_pending_delta,
-                credits_posted_delta=row.credits_posted_delta,
-                debits_pending=row.debits_pending,
-                debits_posted=row.debits_posted,
-                credits_pending=row.credits_pending,
-                credits_posted=row.credits_posted,
-            )
-            for row in rows
-            if row.global_seq is not None
-        ]
+        entries = _listed(StatementEntry, rows)
         return EntriesPage(
             account_known=bool(rows[0].account_known),
             entries=entries,
@@ -392,26 +368,7 @@ class ReadModels:
             },
         )
         assert rows, "the payments' checkpoint row is missing"
-        payments = [
-            PaymentRow(
-                payment_id=row.payment_id,
-                initiated_seq=row.initiated_seq,
-                payer_account_id=row.payer_account_id,
-                payee_account_id=row.payee_account_id,
-                amount_minor=row.amount_minor,
-                currency=row.currency,
-                reference=row.reference,
-                metadata=row.metadata or {},
-                state=row.state,
-                status=row.status,
-                failure_reason=row.failure_reason,
-                created_at=row.created_at,
-                updated_at=row.updated_at,
-                last_seq=row.last_seq,
-            )
-            for row in rows
-            if row.payment_id is not None
-        ]
+        payments = _listed(PaymentRow, rows)
         return PaymentsPage(payments=payments, as_of_seq=int(rows[0].as_of_seq))
 
     async def risk_alerts(
@@ -437,20 +394,7 @@ class ReadModels:
         )
         # The checkpoint row anchors the read; migration 0008 creates it.
         assert rows, "the risk_alerts checkpoint row is missing"
-        alerts = [
-            RiskAlertRow(
-                global_seq=row.global_seq,
-                event_id=row.event_id,
-                account_id=row.account_id,
-                rule=row.rule,
-                payment_id=row.payment_id,
-                trigger_seq=row.trigger_seq,
-                reason=row.reason,
-                raised_at=row.raised_at,
-            )
-            for row in rows
-            if row.global_seq is not None
-        ]
+        alerts = _listed(RiskAlertRow, rows)
         return RiskAlertsPage(alerts=alerts, as_of_seq=int(rows[0].as_of_seq))
 
     async def lags(self) -> list[Lag]:
@@ -465,6 +409,17 @@ class ReadModels:
             )
             for row in await self._fetch(_LAGS, {})
         ]
+
+
+def _listed(cls: type[T], rows: list[Any]) -> list[T]:
+    """The rows of a page, as `cls`. A page is anchored on its checkpoint row, so an empty
+    page is that one row with the page's columns NULL: no row of the page."""
+    names = [field.name for field in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    return [
+        cls(**{name: getattr(row, name) for name in names})
+        for row in rows
+        if getattr(row, names[0]) is not None
+    ]
 
 
 def _check_limit(limit: int) -> None:

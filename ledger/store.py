@@ -436,16 +436,7 @@ class EventStore:
 
     # --- reading --------------------------------------------------------------------------
     async def _fetch(self, statement: Any, params: dict[str, Any]) -> list[Any]:
-        """Run one read. A connection lost to a database restart is retried once: reads
-        are safe to repeat, and the pool drops the dead connections on the first error."""
-        for attempt in (1, 2):
-            try:
-                async with self.engine.connect() as conn:
-                    return list((await conn.execute(statement, params)).all())
-            except DBAPIError as error:
-                if attempt == 2 or not error.connection_invalidated:
-                    raise
-        raise AssertionError("unreachable: the loop returns or raises")
+        return await fetch_all(self.engine, statement, params)
 
     async def read_stream(self, stream_id: str) -> list[RecordedEvent]:
         """A stream's events in order."""
@@ -661,6 +652,19 @@ _LAGS = text(
 )
 _PING = text("SELECT 1")
 _CLOCK = text("SELECT clock_timestamp() AS now")
+
+
+async def fetch_all(engine: AsyncEngine, statement: Any, params: dict[str, Any]) -> list[Any]:
+    """Run one read. A connection lost to a database restart is retried once: reads are
+    safe to repeat, and the pool drops the dead connections on the first error."""
+    for attempt in (1, 2):
+        try:
+            async with engine.connect() as conn:
+                return list((await conn.execute(statement, params)).all())
+        except DBAPIError as error:
+            if attempt == 2 or not error.connection_invalidated:
+                raise
+    raise AssertionError("unreachable: the loop returns or raises")
 
 
 def _recorded(row: Any) -> RecordedEvent:
