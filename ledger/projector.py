@@ -28,7 +28,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from ledger.projections.base import LIVE_SCHEMA, Projection, statement
+from ledger.projections.base import LIVE_SCHEMA, Apply, Projection, statement
 from ledger.store import NOTIFY_CHANNEL, EventStore
 
 log = logging.getLogger("paysaga.projector")
@@ -78,10 +78,12 @@ async def apply_batch(
     events_max: int = BATCH_EVENTS_MAX,
     schema: str = LIVE_SCHEMA,
     wait: bool = False,
+    apply: Apply | None = None,
 ) -> Batch | None:
     """Apply the next batch (at most `events_max` events, none past `until`) in one
-    transaction with the checkpoint. None: another projector holds this model now
-    (`wait=False`), or the model has no checkpoint in `schema`."""
+    transaction with the checkpoint, through `apply` (by default the projection's own).
+    None: another projector holds this model now (`wait=False`), or the model has no
+    checkpoint in `schema`."""
     lock = _LOCK_CHECKPOINT + ("" if wait else " SKIP LOCKED")
     async with conn.transaction():
         cursor = await conn.execute(statement(lock, schema), {"name": projection.name})
@@ -96,7 +98,7 @@ async def apply_batch(
         )
         n, last_seq = await cursor.fetchone() or (0, None)
         upto = until if n < events_max or last_seq is None else int(last_seq)
-        await projection.apply(conn, schema, after, upto)
+        await (apply or projection.apply)(conn, schema, after, upto)
         await conn.execute(
             statement(_MOVE_CHECKPOINT, schema), {"upto": upto, "n": n, "name": projection.name}
         )
@@ -111,13 +113,14 @@ async def catch_up(
     events_max: int = BATCH_EVENTS_MAX,
     schema: str = LIVE_SCHEMA,
     on_batch: Callable[[Batch], None] | None = None,
+    apply: Apply | None = None,
 ) -> int:
     """Apply batches until the model reaches `until`; the events applied. Stops early,
     without waiting, when another projector holds the model."""
     applied = 0
     while True:
         batch = await apply_batch(
-            conn, projection, until=until, events_max=events_max, schema=schema
+            conn, projection, until=until, events_max=events_max, schema=schema, apply=apply
         )
         if batch is None:
             return applied

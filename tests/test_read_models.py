@@ -16,11 +16,12 @@ from ledger.projections.check import differences, read_table
 from ledger.projections.fold import ReadModelFold
 from ledger.projections.statement import STATEMENT
 from ledger.projector import catch_up
+from ledger.replay import rebuild
 from ledger.store import EventStore
 from ledger.verify import check_ledger
 from tests.harness.ledger import Payment
 from tests.harness.postgres import IsolatedDatabase
-from tests.harness.read_side import connect_app, project
+from tests.harness.read_side import connect_app, connect_owner, project
 
 
 async def _mixed_traffic(bank: EventStore) -> dict[str, Payment]:
@@ -183,6 +184,26 @@ async def test_an_event_recorded_before_rows_already_projected_reorders_the_time
     finally:
         await conn_app.close()
 
+    await _assert_statement_exact(owner_engine, at, "the projector")
+
+    # A replay from event 1 builds in bulk and puts the time order right once, at the
+    # end: the same rows, whichever batches the late events fall in.
+    for events_max in (1, 2, 3, 1_000):
+        owner = await connect_owner(database)
+        try:
+            await rebuild(owner, STATEMENT, events_max=events_max, restart=True)
+            leftovers = await owner.execute(
+                "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'entries_bulk%'"
+            )
+            assert await leftovers.fetchone() == (0,), "the bulk build left its tables"
+        finally:
+            await owner.close()
+        await _assert_statement_exact(owner_engine, at, f"a rebuild in batches of {events_max}")
+
+
+async def _assert_statement_exact(
+    owner_engine: AsyncEngine, at: dict[int, datetime], built_by: str
+) -> None:
     async with owner_engine.connect() as conn:
         rows = (await conn.execute(text("SELECT * FROM events ORDER BY global_seq"))).all()
         fold = ReadModelFold()
@@ -191,7 +212,7 @@ async def test_an_event_recorded_before_rows_already_projected_reorders_the_time
         assert (
             differences("statement", fold.rows("statement"), await read_table(conn, "statement"))
             == []
-        )
+        ), built_by
         instants = sorted(
             {
                 a + d
@@ -213,7 +234,7 @@ async def test_an_event_recorded_before_rows_already_projected_reorders_the_time
                         {"a": account, "t": instant},
                     )
                 ).one_or_none()
-                assert tuple(got or (0, 0, 0, 0)) == expected, (account, instant)
+                assert tuple(got or (0, 0, 0, 0)) == expected, (built_by, account, instant)
 
 
 def _initiated(payment_id: str, amount: int) -> dict[str, Any]:

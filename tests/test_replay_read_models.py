@@ -22,7 +22,7 @@ from ledger.store import EventStore
 from ledger.verify import check_ledger
 from tests.harness.ledger import Payment
 from tests.harness.postgres import IsolatedDatabase
-from tests.harness.read_side import project, projector
+from tests.harness.read_side import connect_owner, project, projector
 from tests.harness.stack import clean_env, paysaga
 
 
@@ -35,12 +35,6 @@ async def _traffic(store: EventStore, n: int = 20) -> None:
             await payment.run("initiated", "cancelled")
         else:
             await payment.settle_fully()
-
-
-async def _owner(database: IsolatedDatabase) -> psycopg.AsyncConnection[Any]:
-    return await psycopg.AsyncConnection.connect(
-        to_libpq_url(database.urls.owner_url), autocommit=True
-    )
 
 
 async def _live_tables(engine: AsyncEngine) -> dict[str, Any]:
@@ -77,7 +71,7 @@ async def test_a_rebuild_is_identical_to_the_live_models_and_never_interrupts_re
         asyncio.create_task(read_while_rebuilding()),
         asyncio.create_task(live.run(stop)),
     ]
-    owner = await _owner(database)
+    owner = await connect_owner(database)
     try:
         writer = asyncio.create_task(write_while_rebuilding())
         for projection in READ_MODELS.values():
@@ -98,7 +92,7 @@ async def test_a_rebuild_is_identical_to_the_live_models_and_never_interrupts_re
     assert after["payments"].keys() > before["payments"].keys()
 
     # A rebuild of quiet models reproduces them exactly, and the app role still writes them.
-    owner = await _owner(database)
+    owner = await connect_owner(database)
     try:
         for projection in READ_MODELS.values():
             await rebuild(owner, projection)
@@ -120,7 +114,7 @@ async def test_an_interrupted_rebuild_resumes_where_it_stopped_with_the_same_tab
     await _traffic(bank)
     await project(bank, database)
     before = await _live_tables(owner_engine)
-    owner = await _owner(database)
+    owner = await connect_owner(database)
     try:
         for projection in READ_MODELS.values():
             batches: list[Batch] = []
@@ -152,7 +146,7 @@ async def test_materialised_models_equal_a_fold_of_the_log_up_to_that_point(
     for row in rows:
         if row.global_seq <= until:
             fold.apply(row)
-    owner = await _owner(database)
+    owner = await connect_owner(database)
     try:
         for projection in READ_MODELS.values():
             await plan_materialise(owner, projection, "inquiry", until)
@@ -239,7 +233,7 @@ async def test_a_read_model_the_app_role_tampers_with_is_named_by_check_and_mend
     assert [v.rule for v in report.violations] == ["read-model"]
     assert "balances: row ('bob',): credits_posted=" in report.violations[0].message
 
-    owner = await _owner(database)
+    owner = await connect_owner(database)
     try:
         await rebuild(owner, READ_MODELS["balances"])
     finally:

@@ -18,10 +18,28 @@ from psycopg import sql
 
 # A projection's apply step: (connection, schema, after, upto).
 Apply = Callable[[psycopg.AsyncConnection[Any], str, int, int], Awaitable[None]]
+# A step on a projection's tables in one schema: (connection, schema).
+Step = Callable[[psycopg.AsyncConnection[Any], str], Awaitable[None]]
 
 # The one place a read model's schema is named.
 LIVE_SCHEMA = "projection"
 SHADOW_SCHEMA = "projection_shadow"
+
+
+@dataclass(frozen=True)
+class Bulk:
+    """A faster way for a replay to build a model from event 1 into new tables.
+
+    The replay makes the tables without their indexes, calls `begin`, applies every
+    batch with `apply` (with the checkpoint, as `Projection.apply`), then, in one
+    transaction, builds the indexes as the live tables have them and calls `finish`.
+    While `marker` (a table of the model's schema) exists, the build is in bulk: an
+    interrupted one resumes in bulk."""
+
+    marker: str
+    begin: Step
+    apply: Apply
+    finish: Step
 
 
 @dataclass(frozen=True)
@@ -32,6 +50,7 @@ class Projection:
     apply: Apply
     # What it is, for `paysaga replay --help` and the docs.
     summary: str
+    bulk: Bulk | None = None
 
 
 def statement(text: str, schema: str) -> sql.Composed:

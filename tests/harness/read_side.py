@@ -20,6 +20,13 @@ async def connect_app(database: IsolatedDatabase) -> psycopg.AsyncConnection[Any
     )
 
 
+async def connect_owner(database: IsolatedDatabase) -> psycopg.AsyncConnection[Any]:
+    """As `paysaga replay` connects: the schema owner, in autocommit mode."""
+    return await psycopg.AsyncConnection.connect(
+        to_libpq_url(database.urls.owner_url), autocommit=True
+    )
+
+
 def projector(
     store: EventStore,
     database: IsolatedDatabase,
