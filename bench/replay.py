@@ -88,6 +88,7 @@ from ledger.projector import Projector, catch_up  # noqa: E402
 from ledger.read_models import BALANCE_AS_OF_SQL, STATEMENT_CHECKPOINT  # noqa: E402
 from ledger.replay import (  # noqa: E402
     REPLAY_BATCH_EVENTS_MAX,
+    REPLAY_BULK_BATCH_EVENTS_MAX,
     materialise,
     plan_materialise,
     rebuild,
@@ -1392,6 +1393,7 @@ async def bench(
                     "fee_bps": FEE_BPS,
                     "as_of_samples": args.as_of_samples,
                     "replay_batch_events_max": REPLAY_BATCH_EVENTS_MAX,
+                    "replay_bulk_batch_events_max": REPLAY_BULK_BATCH_EVENTS_MAX,
                     "seed": args.seed,
                 },
                 "stages": [asdict(s) for s in stages],

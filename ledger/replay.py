@@ -32,6 +32,10 @@ from ledger.projections.base import LIVE_SCHEMA, SHADOW_SCHEMA, Projection
 from ledger.projector import Batch, apply_batch, catch_up
 
 REPLAY_BATCH_EVENTS_MAX = 50_000
+# A build in bulk (`Bulk`) commits fewer, larger batches: each batch's per-account work
+# (totals kept aside) is paid once per batch, not per event (measured on the statement,
+# PostgreSQL 15, a million events: 11.0 s and 11.5 s against 12.1 s twice at 50,000).
+REPLAY_BULK_BATCH_EVENTS_MAX = 200_000
 HORIZON_CALLS_MAX = 40
 REPLAY_SETTINGS = {
     # A replay's batches sort and hash tens of thousands of rows: in memory, not on
@@ -198,18 +202,20 @@ async def _build(
     projection: Projection,
     schema: str,
     until: int,
-    events_max: int,
+    events_max: int | None,
     on_batch: OnBatch | None,
 ) -> int:
     """Bring `projection` in `schema` to `until`; its checkpoint there. A build in bulk
-    finishes on the way (its indexes built, its fix-ups applied)."""
+    finishes on the way (its indexes built, its fix-ups applied); its batches hold
+    `events_max` events, or REPLAY_BULK_BATCH_EVENTS_MAX if none is given."""
     bulk = projection.bulk
     in_bulk = bulk is not None and await _table_exists(conn, schema, bulk.marker)
     await catch_up(
         conn,
         projection,
         until=until,
-        events_max=events_max,
+        events_max=events_max
+        or (REPLAY_BULK_BATCH_EVENTS_MAX if in_bulk else REPLAY_BATCH_EVENTS_MAX),
         schema=schema,
         on_batch=on_batch,
         apply=bulk.apply if bulk is not None and in_bulk else None,
@@ -283,7 +289,7 @@ async def rebuild(
     conn: psycopg.AsyncConnection[Any],
     projection: Projection,
     *,
-    events_max: int = REPLAY_BATCH_EVENTS_MAX,
+    events_max: int | None = None,
     restart: bool = False,
     on_batch: OnBatch | None = None,
 ) -> int:
@@ -296,7 +302,7 @@ async def rebuild(
         shadow = await _build(conn, projection, SHADOW_SCHEMA, target, events_max, on_batch)
         live = await _live_checkpoint(conn, projection.name)
         if live - shadow <= SWAP_GAP_EVENTS_MAX:
-            return await _swap(conn, projection, events_max, on_batch)
+            return await _swap(conn, projection, events_max or REPLAY_BATCH_EVENTS_MAX, on_batch)
 
 
 async def _swap(
@@ -403,7 +409,7 @@ async def materialise(
     schema: str,
     until: int,
     *,
-    events_max: int = REPLAY_BATCH_EVENTS_MAX,
+    events_max: int | None = None,
     on_batch: OnBatch | None = None,
 ) -> int:
     """Build `projection` into `schema` as it was at global_seq `until` (after
