@@ -195,9 +195,11 @@ class LedgerActivities:
     async def close(self, close: Close) -> Closed:
         """Compensate from the ledger's facts, then append the terminal event.
 
-        Stops short, asking for the processor's void, while the stream is in a state
-        from which it can no longer settle but the processor has not been asked to
-        void yet. A stream that has ended already is left as it is: its outcome wins.
+        Stops short twice: while the payment is reserved and the processor has not
+        fenced off its capture yet (`needs_capture_fence`), and while the stream is in
+        a state from which it can no longer settle but the processor has not been
+        asked to void yet (`needs_processor_void`). A stream that has ended already is
+        left as it is: its outcome wins.
         """
         return await close_payment(self, close)
 
@@ -265,6 +267,15 @@ async def close_payment(ledger: LedgerActivities, close: Close) -> Closed:
                     reason=f"the payment could not be recorded: {error.message}",
                 )
             continue
+        if state == "reserved" and not close.capture_fenced:
+            # The hold is released only once the processor can no longer capture the
+            # payment; if it did capture it, the payment settles instead.
+            return Closed(
+                closed=False,
+                state=state,
+                status=PAYMENT_STATUS_BY_STATE[state],
+                needs_capture_fence=True,
+            )
         # A decline comes before any authorization: there is nothing to void.
         nothing_authorized = close.status == "DECLINED" and state == "initiated"
         if state in VOIDABLE_STATES and not close.processor_voided and not nothing_authorized:

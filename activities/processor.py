@@ -1,36 +1,57 @@
 """The payment processor: a pluggable `Authorizer`, and the simulator that is the default.
 
-The processor is the one external system in a payment. Its calls are **regular**
-activities (they can be slow, so they heartbeat, and a worker that dies mid-call is
-noticed by the heartbeat timeout and the call retried elsewhere). They are
-idempotent by payment id, as real processors are by idempotency key: authorizing the
-same payment twice returns the first authorization, and voiding twice voids once.
+The processor is the one external system in a payment. It authorizes, captures and
+voids, each idempotent by payment id as real processors are by idempotency key:
+authorizing the same payment twice returns the first authorization, capturing twice
+captures once, and voiding twice voids once. Its calls are activities: the
+authorization a **regular** one (it can be slow, so it heartbeats, and a worker that
+dies mid-call is noticed by the heartbeat timeout and the call retried elsewhere); the
+capture local or regular by the payment's policy (see workflows/payment.py for why).
 
-Two rules keep the processor in step with the ledger, whoever calls and however often:
+**The capture is the saga's pivot.** Once the processor has captured a payment, the
+money has moved, and the payment can only settle: the saga posts PaymentSettled until
+the ledger takes it, and nothing voids it. Four rules keep the processor in step with
+the ledger, whoever calls and however often:
 
 - **A void asks the ledger first.** It is refused unless the ledger has recorded that
   the payment can no longer settle (the hold released and the authorization voided in
-  the ledger, or nothing reserved yet); a settled payment's authorization is never
-  voided.
+  the ledger, or nothing reserved yet).
 - **A void fences.** Voiding a payment that has no authorization yet records that
   fact, and any later authorization for it is declined: a stale call that reaches
   the processor after the saga gave up cannot leave an authorization behind.
+- **A hold is released only behind a capture fence.** Before any closer (the saga, or
+  the sweeper) releases a reserved payment's hold, it asks the processor to fence off
+  captures (`fence_capture`). The processor answers in one locked step: either it had
+  captured the payment (the closer settles it instead), or no capture can land any
+  more (a stale capture still in flight is refused). Capture, fence and void lock the
+  same row, so whichever comes first wins and the others see it.
+- **Captured and voided exclude each other.** A capture of a voided (or fenced)
+  authorization is refused; a void of a captured one is refused too, and says so.
 
-The simulator keeps its state in PostgreSQL (`processor_authorizations`, and every
-call in `processor_calls`), so that tests can prove, for instance, that each
-authorization was voided exactly once. A payment's `metadata.simulate` steers it:
+The simulator keeps its state in PostgreSQL (`processor_authorizations`,
+`processor_captures`, and every call in `processor_calls`; the functions are in
+migrations/sql/0011_processor_capture.sql), so that tests can prove, for instance,
+that each settled payment was captured exactly once and never voided. A payment's
+`metadata.simulate` steers it:
 
-| value     | behaviour                                                           |
-|-----------|---------------------------------------------------------------------|
-| `decline` | the processor declines                                              |
-| `timeout` | the processor never answers within the activity timeout            |
-| `flaky`   | fails twice, then succeeds                                          |
-| `slow`    | answers after `metadata.simulate_delay_s` seconds (10 by default)   |
+| value     | authorization                                            | capture           |
+|-----------|----------------------------------------------------------|-------------------|
+| `decline` | the processor declines                                   | (never reached)   |
+| `timeout` | never answers within the activity timeout                | (never reached)   |
+| `flaky`   | fails twice, then succeeds                               | the same          |
+| `slow`    | answers after `metadata.simulate_delay_s` (10 s default) | answers at once   |
+
+A declined or unanswered payment never reaches its capture. `flaky` means an
+unreliable processor, so its captures fail twice too (attempts 1 and 2 of the call),
+which exercises the capture's retries and idempotency. `slow` stands for an issuer
+that is slow to decide: a capture of an authorization already given does not wait on
+the issuer, so it answers at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from typing import Protocol
 
@@ -42,12 +63,20 @@ from temporalio.exceptions import ApplicationError
 from activities.ledger import VOIDABLE_STATES, LedgerActivities
 from ledger.events import payment_stream
 from workflows.models import (
+    CAPTURE_REFUSED,
+    CAPTURED_NOT_POSTED,
     AuthorizationRequest,
     AuthorizationResult,
+    CaptureFence,
+    CaptureRequest,
+    CaptureResult,
+    FenceRequest,
     RecordEvent,
     VoidRequest,
     VoidResult,
 )
+
+log = logging.getLogger("paysaga.processor")
 
 SLOW_DELAY_S_DEFAULT = 10.0
 SLOW_DELAY_S_MAX = 3_600.0
@@ -68,9 +97,24 @@ class Authorizer(Protocol):
         """Authorize the payment (idempotent by payment id), or decline it."""
         ...
 
+    async def capture(self, request: CaptureRequest, attempt: int) -> CaptureResult:
+        """Capture the payment's authorization (idempotent by payment id: a repeat
+        returns the first capture), or refuse if it was voided or fenced off."""
+        ...
+
+    async def fence_capture(self, request: FenceRequest, attempt: int) -> CaptureFence:
+        """Make any later capture of the payment impossible, or report the capture that
+        already happened (idempotent)."""
+        ...
+
     async def void(self, request: VoidRequest, attempt: int) -> VoidResult:
         """Void the payment's authorization, or, if there is none, refuse any later one
-        (idempotent)."""
+        (idempotent). A captured authorization is not voided (`captured` says so)."""
+        ...
+
+    async def capture_of(self, payment_id: str) -> str | None:
+        """The id of the payment's capture, if the processor captured it. A lookup: it
+        changes nothing (unlike the fence, it leaves a capture in flight free to land)."""
         ...
 
 
@@ -148,10 +192,47 @@ class SimulatedProcessor:
             approved=True, authorization_id=row.authorization_id, processor=self.name
         )
 
+    async def capture(self, request: CaptureRequest, attempt: int) -> CaptureResult:
+        if request.metadata.get("simulate") == "flaky" and attempt <= FLAKY_FAILURES:
+            await self._log(request.payment_id, "capture", "failed", attempt)
+            raise ProcessorUnavailable(f"processor unavailable (simulated, attempt {attempt})")
+        async with self.engine.begin() as conn:
+            row = (
+                await conn.execute(
+                    _CAPTURE,
+                    {
+                        "p": request.payment_id,
+                        "c": f"sim-cap-{uuid.uuid4().hex[:16]}",
+                        "amount": request.amount_minor,
+                        "currency": request.currency,
+                        "attempt": attempt,
+                    },
+                )
+            ).one()
+        if row.outcome in ("captured", "replayed"):
+            return CaptureResult(captured=True, capture_id=row.capture_id)
+        return CaptureResult(captured=False, refusal=_CAPTURE_REFUSALS[row.outcome])
+
+    async def fence_capture(self, request: FenceRequest, attempt: int) -> CaptureFence:
+        async with self.engine.begin() as conn:
+            row = (
+                await conn.execute(_FENCE_CAPTURE, {"p": request.payment_id, "attempt": attempt})
+            ).one()
+        return CaptureFence(captured=row.outcome == "captured", capture_id=row.capture_id)
+
     async def void(self, request: VoidRequest, attempt: int) -> VoidResult:
         async with self.engine.begin() as conn:
             row = (await conn.execute(_VOID, {"p": request.payment_id, "attempt": attempt})).one()
-        return VoidResult(voided=row.voided, authorization_id=row.authorization_id)
+        return VoidResult(
+            voided=row.outcome == "voided",
+            authorization_id=row.authorization_id,
+            captured=row.outcome == "refused_captured",
+        )
+
+    async def capture_of(self, payment_id: str) -> str | None:
+        async with self.engine.connect() as conn:
+            found = await conn.execute(_CAPTURE_OF, {"p": payment_id})
+            return found.scalar_one_or_none()
 
 
 # One round trip each: the operation and its log line, in one statement.
@@ -177,38 +258,22 @@ _AUTHORIZE = text(
     SELECT authorization_id, status FROM existing
     """
 )
-# A void with nothing to void leaves a fence: a row that declines any later
-# authorization of the payment. One statement, so a racing authorization either comes
-# first (and is voided) or finds the fence.
-_VOID = text(
-    """
-    WITH voided AS (
-        UPDATE processor_authorizations
-           SET status = 'voided', voided_at = clock_timestamp()
-         WHERE payment_id = :p AND status = 'authorized'
-        RETURNING authorization_id
-    ), fenced AS (
-        INSERT INTO processor_authorizations
-               (payment_id, authorization_id, amount_minor, currency, status, voided_at)
-        VALUES (:p, NULL, NULL, NULL, 'fenced', clock_timestamp())
-        ON CONFLICT (payment_id) DO NOTHING
-        RETURNING payment_id
-    ), existing AS (
-        SELECT authorization_id, status FROM processor_authorizations WHERE payment_id = :p
-    ), logged AS (
-        INSERT INTO processor_calls (payment_id, operation, outcome, attempt)
-        SELECT :p, 'void',
-               CASE WHEN EXISTS (SELECT 1 FROM voided) THEN 'voided'
-                    WHEN EXISTS (SELECT 1 FROM fenced) THEN 'fenced'
-                    WHEN (SELECT status FROM existing) = 'fenced' THEN 'already_fenced'
-                    ELSE 'already_voided' END,
-               :attempt
-    )
-    SELECT EXISTS (SELECT 1 FROM voided) AS voided,
-           coalesce((SELECT authorization_id FROM voided),
-                    (SELECT authorization_id FROM existing)) AS authorization_id
-    """
+# Capture, fence and void each lock the authorization's row before deciding, in one
+# function call (migrations/sql/0011_processor_capture.sql): whichever of them comes
+# first wins, and the others see what it did.
+_CAPTURE = text(
+    "SELECT outcome, capture_id FROM "
+    "processor_capture(:p, :c, CAST(:amount AS bigint), :currency, :attempt)"
 )
+_FENCE_CAPTURE = text("SELECT outcome, capture_id FROM processor_fence_capture(:p, :attempt)")
+_VOID = text("SELECT outcome, authorization_id FROM processor_void(:p, :attempt)")
+_CAPTURE_OF = text("SELECT capture_id FROM processor_captures WHERE payment_id = :p")
+_CAPTURE_REFUSALS = {
+    "refused_unauthorized": "the processor holds no authorization for it",
+    "refused_voided": "its authorization was voided",
+    "refused_fenced": "captures of it were fenced off: the payment is being closed",
+    "refused_mismatch": "the amount or currency differs from its authorization",
+}
 
 
 def _delay_s(raw: object) -> float:
@@ -222,6 +287,13 @@ def _delay_s(raw: object) -> float:
         if 0 <= value <= SLOW_DELAY_S_MAX:
             return value
     return SLOW_DELAY_S_DEFAULT
+
+
+def _attempt() -> int:
+    try:
+        return activity.info().attempt
+    except RuntimeError:  # called outside an activity (a test calling the class directly)
+        return 1
 
 
 class ProcessorActivities:
@@ -259,6 +331,50 @@ class ProcessorActivities:
             return result.model_copy(update={"recorded": recorded})
         return result
 
+    @activity.defn(name="processor.capture")
+    async def capture(self, request: CaptureRequest) -> CaptureResult:
+        """Capture at the processor, then post the payment's PaymentSettled at once.
+
+        Posting here, as the authorization does, saves the saga a step per payment. The
+        error tells the saga which side of the pivot it is on: `capture_refused` (nothing
+        was captured, and nothing can be) or `captured_not_posted` (the money moved at
+        the processor; the settlement must be posted, never undone). Anything else is
+        transient and retried: the capture is idempotent by payment id, and the
+        settlement's event id derives from the workflow id and the step.
+        """
+        result = await self.authorizer.capture(request, _attempt())
+        if not result.captured:
+            raise ApplicationError(
+                f"the processor refused to capture payment {request.payment_id}: {result.refusal}",
+                type=CAPTURE_REFUSED,
+                non_retryable=True,
+            )
+        if request.settlement is None:
+            return result
+        try:
+            recorded = await self.ledger.record(request.settlement)
+        except Exception as error:
+            raise ApplicationError(
+                f"captured ({result.capture_id}), but the ledger has not taken the "
+                f"settlement yet: {error}",
+                result.capture_id,
+                type=CAPTURED_NOT_POSTED,
+                non_retryable=True,
+            ) from error
+        return result.model_copy(update={"recorded": recorded})
+
+    @activity.defn(name="processor.fence_capture")
+    async def fence_capture(self, request: FenceRequest) -> CaptureFence:
+        """Before a reserved payment's hold is released: fence off any capture, or learn
+        that the processor captured it (then it must settle, never be released)."""
+        fence = await self.authorizer.fence_capture(request, _attempt())
+        if fence.captured:
+            log.warning(
+                "a payment being closed was captured at the processor: it settles instead",
+                extra={"payment_id": request.payment_id, "capture_id": fence.capture_id},
+            )
+        return fence
+
     @activity.defn(name="processor.void")
     async def void(self, request: VoidRequest) -> VoidResult:
         """Void at the processor, once the ledger says the payment can no longer settle."""
@@ -273,7 +389,16 @@ class ProcessorActivities:
                 type="void_refused",
                 non_retryable=True,
             )
-        return await self.authorizer.void(request, activity.info().attempt)
+        result = await self.authorizer.void(request, _attempt())
+        if result.captured:
+            # Only a closer that skipped the capture fence gets here (code older than the
+            # fence): the processor holds a capture the ledger will never settle, which is
+            # reconciliation's to find (missing_in_ledger).
+            log.error(
+                "the processor refused a void: it had captured the payment",
+                extra={"payment_id": request.payment_id},
+            )
+        return result
 
     def all(self) -> list[object]:
-        return [self.authorize, self.void]
+        return [self.authorize, self.capture, self.fence_capture, self.void]

@@ -8,6 +8,14 @@ from the ledger's facts, exactly as the saga would (`close_payment`): release th
 hold, void the authorization (the ledger first, then the processor), and append
 PaymentFailed naming the cause and, where Temporal records one, who terminated it.
 A hold past its expiry is named too.
+
+A reserved payment is asked about at the processor first, as the saga's close does:
+the processor fences off its capture, or says it captured it. A captured payment is
+past the saga's pivot, so the sweeper settles it (PaymentSettled, with the payload its
+saga would have posted, derived from the workflow's input as Temporal recorded it),
+and never releases or voids it. If Temporal no longer knows the workflow, the
+settlement cannot be derived: the payment is left open, named in the sweep's report,
+and reconciliation reports the capture the ledger never posted.
 """
 
 from __future__ import annotations
@@ -23,16 +31,35 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from activities.ledger import LedgerActivities, close_payment
 from activities.processor import Authorizer
+from ledger.events import payment_stream
 from ledger.store import OpenPayment
-from workflows.models import Close, Closed, Repair, SweepReport, SweepRequest, VoidRequest
+from workflows.models import (
+    Close,
+    Closed,
+    FenceRequest,
+    PaymentRequest,
+    RecordEvent,
+    Repair,
+    SweepReport,
+    SweepRequest,
+    VoidRequest,
+    settlement_payload,
+    workflow_id_for,
+)
 
 log = logging.getLogger("paysaga.sweeper")
 
 SWEEPER_ACTOR = "sweeper"
 DESCRIBE_TIMEOUT = timedelta(seconds=10)
-# close_payment asks for the processor's void at most once per round; two rounds and
-# a spare are enough unless something races the repair, which the next sweep finishes.
-REPAIR_ROUNDS_MAX = 3
+# close_payment stops once per round for the processor (the capture fence, then the
+# void); three rounds and a spare are enough unless something races the repair, which
+# the next sweep finishes.
+REPAIR_ROUNDS_MAX = 4
+
+
+class SettlementUnknown(Exception):
+    """A captured payment's settlement cannot be derived: its workflow is gone from
+    Temporal, and with it the policy that fixes the fee."""
 
 
 class SweeperActivities:
@@ -50,11 +77,23 @@ class SweeperActivities:
         repaired = []
         for payment in candidates:
             _heartbeat(payment.payment_id)
-            gone = await self._workflow_gone(payment.payment_id)
+            gone = await self.workflow_gone(payment.payment_id)
             if gone is None:
                 continue
             cause = _with_hold(payment, gone)
-            closed = await self.repair(payment.payment_id, cause)
+            try:
+                closed = await self.repair(payment.payment_id, cause)
+            except SettlementUnknown as unknown:
+                log.error(
+                    "a captured payment whose workflow is gone cannot be settled here",
+                    extra={"payment_id": payment.payment_id, "cause": str(unknown)},
+                )
+                repaired.append(
+                    Repair(payment_id=payment.payment_id, cause=str(unknown), status="RESERVED")
+                )
+                continue
+            if closed.status == "SETTLED":
+                cause = f"{cause}; the processor had captured it, so it was settled"
             log.warning(
                 "repaired a payment whose workflow is gone",
                 extra={"payment_id": payment.payment_id, "cause": cause, "status": closed.status},
@@ -65,7 +104,8 @@ class SweeperActivities:
         return SweepReport(checked=len(candidates), repaired=repaired)
 
     async def repair(self, payment_id: str, cause: str) -> Closed:
-        """Close a payment from the ledger's facts, voiding at the processor when the
+        """Close a payment from the ledger's facts: settle it if the processor captured
+        it, else fence off its capture, compensate, and void at the processor once the
         ledger says the payment can no longer settle."""
         close = Close(
             payment_id=payment_id, status="FAILED", step="repair", reason=cause, actor=SWEEPER_ACTOR
@@ -74,11 +114,84 @@ class SweeperActivities:
             closed = await close_payment(self.ledger, close)
             if closed.closed:
                 return closed
+            if closed.needs_capture_fence:
+                fence = await self.authorizer.fence_capture(
+                    FenceRequest(payment_id=payment_id, reason=cause), 1
+                )
+                if fence.captured:
+                    return await self._settle(payment_id, cause)
+                close = close.model_copy(update={"capture_fenced": True})
+                continue
             await self.authorizer.void(VoidRequest(payment_id=payment_id, reason=cause), 1)
             close = close.model_copy(update={"processor_voided": True})
         raise RuntimeError(f"payment {payment_id} did not close; the next sweep goes on")
 
-    async def _workflow_gone(self, payment_id: str) -> str | None:
+    async def settle_if_captured(self, payment_id: str) -> str | None:
+        """Post a captured payment's settlement that the ledger is missing (reconciliation's
+        automatic fix for missing_in_ledger); what was done, or None if it cannot be.
+
+        Only a payment the ledger has reserved, and the processor has captured, is
+        settled, with the saga's own event (same id and payload: a saga still retrying
+        its posting finds it there). It asks the processor without fencing anything, so a
+        payment whose capture is still on its way is left to its saga.
+        """
+        head = await self.ledger.store.stream_head(payment_stream(payment_id))
+        if head is None or head.state != "reserved":
+            return None
+        capture_id = await self.authorizer.capture_of(payment_id)
+        if capture_id is None:
+            return None
+        try:
+            await self._settle(payment_id, f"captured at the processor ({capture_id})")
+        except SettlementUnknown:
+            return None
+        return (
+            f"posted PaymentSettled for the processor's capture {capture_id}, "
+            "which the ledger was missing"
+        )
+
+    async def _settle(self, payment_id: str, cause: str) -> Closed:
+        """Post the PaymentSettled the payment's saga would have posted (same step, so the
+        same event id and payload: a saga that comes back later finds it there)."""
+        request = await self._payment_request(payment_id)
+        if request is None:
+            raise SettlementUnknown(
+                f"{cause}; the processor captured it, but Temporal no longer has its "
+                "workflow, so its settlement (the fee) cannot be derived: left open for "
+                "reconciliation"
+            )
+        recorded = await self.ledger.record(
+            RecordEvent(
+                payment_id=payment_id,
+                step="settle",
+                event_type="PaymentSettled",
+                payload=settlement_payload(request),
+                actor=SWEEPER_ACTOR,
+                causation_id=None,
+            )
+        )
+        return Closed(closed=True, state=recorded.state, status="SETTLED")
+
+    async def _payment_request(self, payment_id: str) -> PaymentRequest | None:
+        """The payment's request as its workflow's latest run was started with it."""
+        handle = self.client.get_workflow_handle(workflow_id_for(payment_id))
+        try:
+            async for event in handle.fetch_history_events(
+                page_size=1, rpc_timeout=DESCRIBE_TIMEOUT
+            ):
+                if not event.HasField("workflow_execution_started_event_attributes"):
+                    return None
+                payloads = event.workflow_execution_started_event_attributes.input.payloads
+                decoded = await self.client.data_converter.decode(payloads, [PaymentRequest])
+                request = decoded[0]
+                return request if isinstance(request, PaymentRequest) else None
+        except RPCError as error:
+            if error.status == RPCStatusCode.NOT_FOUND:
+                return None
+            raise
+        return None
+
+    async def workflow_gone(self, payment_id: str) -> str | None:
         """Why the payment's workflow no longer runs, or None if it does."""
         handle = self.client.get_workflow_handle(f"payment-{payment_id}")
         try:

@@ -14,6 +14,7 @@ bench/results/e2e_workflow-<time>.json.
     .venv/bin/python bench/e2e_workflow.py
     .venv/bin/python bench/e2e_workflow.py --payments 400 --concurrency 32
     .venv/bin/python bench/e2e_workflow.py --ledger-activities regular   # compare
+    .venv/bin/python bench/e2e_workflow.py --capture-activity regular    # compare
 """
 
 from __future__ import annotations
@@ -97,7 +98,11 @@ async def run_saga(
             outcome = await (await start_payment(client, request, task_queue=queue)).result()
             assert outcome.status == "SETTLED", outcome
 
-        return await drive(f"saga (ledger as {policy.ledger_activities} activities)", n, c, one)
+        name = (
+            f"saga (ledger as {policy.ledger_activities} activities, "
+            f"capture as a {policy.capture_activity} one)"
+        )
+        return await drive(name, n, c, one)
 
 
 async def main() -> None:
@@ -105,11 +110,16 @@ async def main() -> None:
     parser.add_argument("--payments", type=int, default=300)
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--ledger-activities", choices=("local", "regular"), default="local")
+    parser.add_argument(
+        "--capture-activity", choices=("local", "regular"), default=PaymentPolicy().capture_activity
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     n, c = args.payments, args.concurrency
     settings = Settings(_env_file=None)
-    policy = PaymentPolicy(ledger_activities=args.ledger_activities)
+    policy = PaymentPolicy(
+        ledger_activities=args.ledger_activities, capture_activity=args.capture_activity
+    )
 
     async with local_servers("paysaga-e2e-") as servers:
         await open_bench_accounts(servers.store, c)
@@ -148,6 +158,7 @@ async def main() -> None:
                 "saga": asdict(saga),
                 "ratio": ratio,
                 "ledger_activities": args.ledger_activities,
+                "capture_activity": args.capture_activity,
             },
             indent=2,
         )

@@ -65,8 +65,10 @@ CASES = {
             "PaymentFailed",
         ],
     ),
+    # Reserved, its capture under way: the sweeper fences the capture off before it
+    # releases the hold, and the stale capture is refused.
     "RESERVED": (
-        "settle",
+        "capture",
         [
             "PaymentInitiated",
             "PaymentAuthorized",
@@ -144,6 +146,9 @@ async def test_a_terminated_payment_is_repaired_within_one_sweep(
             assert await payments.authorization_status(payment_id) == "voided"
         else:
             assert await payments.authorization_status(payment_id) == "fenced"
+        if "FundsReserved" in events:
+            assert ("fence_capture", "fenced") in calls
+        assert await payments.captures(payment_id) == []
         # A second sweep finds nothing left to repair.
         assert (await sweep(temporal_client, task_queue)).repaired == []
     alice, bob = await bank.get_position("alice"), await bank.get_position("bob")

@@ -6,17 +6,21 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
-from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 
 from activities.ledger import LedgerActivities
-from activities.processor import ProcessorActivities, SimulatedProcessor
+from activities.processor import (
+    Authorizer,
+    ProcessorActivities,
+    ProcessorUnavailable,
+    SimulatedProcessor,
+)
 from ledger.store import EventStore
 from paysaga.settings import Settings
 from tests.harness.ledger import fund, open_account
 from tests.harness.saga import TEST_POLICY, Payments, wait_for_state
 from worker import build_worker
-from workflows.models import Recorded, RecordEvent
+from workflows.models import CaptureRequest, CaptureResult
 
 
 @pytest.fixture
@@ -27,13 +31,11 @@ async def bank(store: EventStore) -> EventStore:
     return store
 
 
-class LedgerOutageAtSettlement(LedgerActivities):
-    """The ledger refuses every settlement (an outage), and nothing else."""
+class ProcessorOutageAtCapture(SimulatedProcessor):
+    """The processor fails every capture (an outage), and nothing else."""
 
-    async def _append(self, record: RecordEvent) -> Recorded:
-        if record.step == "settle":
-            raise ApplicationError("the ledger is unavailable (injected outage)")
-        return await super()._append(record)
+    async def capture(self, request: CaptureRequest, attempt: int) -> CaptureResult:
+        raise ProcessorUnavailable("the processor is unavailable (injected outage)")
 
 
 @asynccontextmanager
@@ -43,8 +45,9 @@ async def _worker_payments(
     settings: Settings,
     task_queue: str,
     ledger: LedgerActivities,
+    authorizer: Authorizer | None = None,
 ) -> AsyncIterator[Payments]:
-    processor = ProcessorActivities(SimulatedProcessor(store.engine), ledger)
+    processor = ProcessorActivities(authorizer or SimulatedProcessor(store.engine), ledger)
     activities = [*ledger.all(), *processor.all()]
     async with build_worker(env.client, settings, task_queue=task_queue, activities=activities):
         yield Payments(env.client, store, task_queue)
@@ -81,12 +84,17 @@ async def test_an_approval_deadline_that_passes_rejects_and_compensates(
     assert (await bank.get_position("alice")).debits_pending == 0
 
 
-async def test_a_hold_that_expires_before_settlement_is_released(
+async def test_a_hold_that_expires_before_the_capture_is_released_behind_a_capture_fence(
     time_skipping_env: WorkflowEnvironment, bank: EventStore, settings: Settings, task_queue: str
 ) -> None:
     policy = TEST_POLICY.model_copy(update={"hold_expiry_s": 120})
     async with _worker_payments(
-        time_skipping_env, bank, settings, task_queue, LedgerOutageAtSettlement(bank)
+        time_skipping_env,
+        bank,
+        settings,
+        task_queue,
+        LedgerActivities(bank),
+        ProcessorOutageAtCapture(bank.engine),
     ) as payments:
         handle = await payments.start("alice", "bob", 3_000, policy=policy)
         state = await wait_for_state(handle, lambda s: s.status == "RESERVED")
@@ -105,5 +113,10 @@ async def test_a_hold_that_expires_before_settlement_is_released(
         "AuthorizationVoided",
         "PaymentFailed",
     ]
+    # Nothing was captured, and the processor fenced captures off before the release.
+    assert await payments.captures(outcome.payment_id) == []
+    calls = await payments.processor_calls(outcome.payment_id)
+    assert calls.index(("fence_capture", "fenced")) < calls.index(("void", "voided"))
+    assert await payments.authorization_status(outcome.payment_id) == "voided"
     alice, bob = await bank.get_position("alice"), await bank.get_position("bob")
     assert (alice.debits_pending, bob.credits_pending, alice.posted_minor) == (0, 0, 500_000)

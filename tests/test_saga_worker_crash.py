@@ -131,7 +131,8 @@ async def test_sigterm_lets_an_in_flight_activity_finish(
     outcome = await handle.result()
     assert outcome.status == "SETTLED"
     # One authorization, not retried: the first worker finished it before leaving.
-    assert await payments.processor_calls(payment_id) == [("authorize", "authorized")]
+    calls = await payments.processor_calls(payment_id)
+    assert calls == [("authorize", "authorized"), ("capture", "captured")]
 
 
 @pytest.mark.timeout(420)
@@ -180,13 +181,16 @@ async def test_a_worker_killed_again_and_again_never_leaves_the_processor_at_odd
         assert head is not None and head.closed, (payment_id, head)
         authorization = await payments.authorization_status(payment_id)
         voids = [c for c in await payments.processor_calls(payment_id) if c == ("void", "voided")]
+        captures = await payments.captures(payment_id)
         if head.state == "settled":
             settled += 1
             assert outcome.status == "SETTLED"
-            assert (authorization, voids) == ("authorized", []), payment_id
+            assert (authorization, voids) == ("captured", []), payment_id
+            assert len(captures) == 1, (payment_id, captures)
         else:
             assert authorization in (None, "voided", "fenced"), (payment_id, authorization)
             assert len(voids) <= 1, (payment_id, voids)
+            assert captures == [], (payment_id, captures)
     assert settled >= 10, f"only {settled} of 40 settled: the test proved little"
     assert kills == 8
     alice, bob = await store.get_position("alice"), await store.get_position("bob")

@@ -9,7 +9,7 @@ payment in flight.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
@@ -54,6 +54,10 @@ class PaymentPolicy(_Model):
     # Ledger steps as local activities (the default: measured faster, see
     # activities/ledger.py) or as regular ones (for comparison, bench/e2e_workflow.py).
     ledger_activities: Literal["local", "regular"] = "local"
+    # The processor's capture (which posts PaymentSettled itself) as a local activity
+    # (the default: measured faster, see workflows/payment.py) or as a regular one (for
+    # a processor whose captures can be slow, and for comparison).
+    capture_activity: Literal["local", "regular"] = "local"
     # How many times a ledger step is tried before the saga gives up and compensates.
     ledger_attempts_max: Annotated[int, Field(ge=1, le=100)] = 8
     # A compensation or a settlement that keeps failing goes on in rounds; once the
@@ -69,6 +73,9 @@ class Resume(_Model):
     # settling: when the hold expires, in the ledger's time and in workflow time.
     hold_expires_at: datetime | None = None
     settle_until: datetime | None = None
+    # settling: the processor's capture, once it captured the payment (the pivot): the
+    # settlement is then posted until it lands, whatever the hold.
+    capture_id: str | None = None
     status: PaymentStatus | None = None
     step: str = "settle"
     reason: str = ""
@@ -123,6 +130,8 @@ class PaymentState(_Model):
     approval_deadline_at: datetime | None = None
     hold_expires_at: datetime | None = None
     cancel_requested: bool = False
+    # The processor's capture, once it has captured the payment (the saga's pivot).
+    capture_id: str | None = None
 
 
 class PaymentOutcome(_Model):
@@ -244,6 +253,83 @@ class VoidRequest(_Model):
 class VoidResult(_Model):
     voided: bool
     authorization_id: str | None = None
+    # The processor refused: it had captured the payment. The money moved at the
+    # processor, so reconciliation, not a void, deals with it.
+    captured: bool = False
+
+
+# How a capture's failure tells the saga which side of the pivot it is on.
+CAPTURE_REFUSED = "capture_refused"  # nothing was captured, and nothing will be
+CAPTURED_NOT_POSTED = "captured_not_posted"  # captured: the settlement must be posted
+
+
+class CaptureRequest(_Model):
+    """Capture a payment's authorization (idempotent by payment id), then post
+    `settlement`, the payment's PaymentSettled, in the same activity."""
+
+    payment_id: PaymentId
+    amount_minor: AmountMinor
+    currency: CurrencyCode
+    metadata: Metadata = Field(default_factory=dict)
+    settlement: RecordEvent | None = None
+
+
+class CaptureResult(_Model):
+    """The processor's answer to a capture: captured (now, or by an earlier call), or
+    refused (`refusal` says why: the authorization was voided or fenced off)."""
+
+    captured: bool
+    capture_id: str | None = None
+    refusal: str | None = None
+    # The PaymentSettled event, once the capture was posted.
+    recorded: Recorded | None = None
+
+
+class FenceRequest(_Model):
+    """Make any later capture of a payment impossible, unless one has happened."""
+
+    payment_id: PaymentId
+    reason: Reason
+
+
+class CaptureFence(_Model):
+    """Either the payment was captured (it must settle), or no capture can land any more."""
+
+    captured: bool
+    capture_id: str | None = None
+
+
+def settlement_payload(request: PaymentRequest) -> dict[str, Any]:
+    """The payment's PaymentSettled payload: a function of the request alone (its policy
+    fixes the fee), so the saga, a re-run and the sweeper all post the same event."""
+    policy = request.policy
+    fee = min(
+        request.amount_minor - 1,
+        request.amount_minor * policy.fee_bps // 10_000 + policy.fee_fixed_minor,
+    )
+    fee = fee if policy.fees_account_id else 0
+    postings: list[dict[str, Any]] = [
+        {
+            "account_id": request.payer_account_id,
+            "side": "debit",
+            "amount_minor": request.amount_minor,
+        },
+        {
+            "account_id": request.payee_account_id,
+            "side": "credit",
+            "amount_minor": request.amount_minor - fee,
+        },
+    ]
+    if fee > 0:
+        postings.append(
+            {"account_id": policy.fees_account_id, "side": "credit", "amount_minor": fee}
+        )
+    return {
+        "payment_id": request.payment_id,
+        "currency": request.currency,
+        "postings": postings,
+        "fee_minor": fee,
+    }
 
 
 class Close(_Model):
@@ -265,6 +351,8 @@ class Close(_Model):
     # A decline names who declined; nothing was authorized, so nothing is voided.
     declined_by: Literal["processor", "risk"] | None = None
     rule: Annotated[str, Field(max_length=100)] | None = None
+    # A reserved payment is released only once the processor can no longer capture it.
+    capture_fenced: bool = False
     processor_voided: bool = False
     initiate: PaymentRequest | None = None
 
@@ -278,6 +366,9 @@ class Closed(_Model):
     # The reason on the terminal event, which an earlier closer may have written.
     reason: str | None = None
     needs_processor_void: bool = False
+    # Still reserved: the processor must fence off any capture (or say it captured)
+    # before the hold may be released.
+    needs_capture_fence: bool = False
 
 
 # --- The sweeper ------------------------------------------------------------------------

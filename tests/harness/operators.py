@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.api.common.v1 import WorkflowExecution
 from temporalio.api.enums.v1 import EventType
 from temporalio.api.workflowservice.v1 import ResetWorkflowExecutionRequest
@@ -22,13 +23,20 @@ from temporalio.common import RetryPolicy
 
 from activities.ledger import LedgerActivities
 from activities.processor import ProcessorActivities, SimulatedProcessor
-from activities.sweeper import SweeperActivities
+from activities.sweeper import SWEEPER_ACTOR, SweeperActivities
 from ledger.store import EventStore
 from paysaga.settings import Settings
 from paysaga.temporal import find_binary
 from tests.harness.saga import Payments
 from worker import build_worker
-from workflows.models import Recorded, RecordEvent, SweepReport, SweepRequest
+from workflows.models import (
+    CaptureRequest,
+    CaptureResult,
+    Recorded,
+    RecordEvent,
+    SweepReport,
+    SweepRequest,
+)
 from workflows.sweeper import SweeperWorkflow
 
 CLI_TIMEOUT_S = 30
@@ -108,7 +116,9 @@ class GatedLedger(LedgerActivities):
         self.gate = gate
 
     async def _append(self, record: RecordEvent) -> Recorded:
-        if record.step != self.gate.step:
+        # The saga's step is held, never the sweeper's repair of it (which may post the
+        # same step: a captured payment's settlement).
+        if record.step != self.gate.step or record.actor == SWEEPER_ACTOR:
             return await super()._append(record)
         self.gate.reached.set()
         await self.gate.opened.wait()
@@ -121,13 +131,31 @@ class GatedLedger(LedgerActivities):
         return recorded
 
 
+class GatedProcessor(SimulatedProcessor):
+    """The simulator, its captures held by the gate when the gate's step is "capture"."""
+
+    def __init__(self, engine: AsyncEngine, gate: Gate) -> None:
+        super().__init__(engine)
+        self.gate = gate
+
+    async def capture(self, request: CaptureRequest, attempt: int) -> CaptureResult:
+        if self.gate.step != "capture":
+            return await super().capture(request, attempt)
+        self.gate.reached.set()
+        await self.gate.opened.wait()
+        result = await super().capture(request, attempt)
+        self.gate.outcomes.append("captured" if result.captured else f"refused: {result.refusal}")
+        return result
+
+
 @asynccontextmanager
 async def gated_worker(
     client: Client, store: EventStore, settings: Settings, task_queue: str, gate: Gate
 ) -> AsyncIterator[Payments]:
-    """A worker with every activity (the sweeper's too), one saga step held by `gate`."""
+    """A worker with every activity (the sweeper's too), one saga step held by `gate`:
+    a ledger append, or the processor's capture (step "capture")."""
     ledger = GatedLedger(store, gate)
-    authorizer = SimulatedProcessor(store.engine)
+    authorizer = GatedProcessor(store.engine, gate)
     activities = [
         *ledger.all(),
         *ProcessorActivities(authorizer, ledger).all(),

@@ -79,6 +79,20 @@ class Payments:
             )
             return [(row.operation, row.outcome) for row in rows]
 
+    async def captures(self, payment_id: str) -> list[tuple[str, int, str, Any]]:
+        """The processor's captures of a payment: (capture id, amount, currency, when)."""
+        async with self.store.engine.connect() as conn:
+            rows = await conn.execute(
+                text(
+                    "SELECT capture_id, amount_minor, currency, captured_at "
+                    "FROM processor_captures WHERE payment_id = :p"
+                ),
+                {"p": payment_id},
+            )
+            return [
+                (row.capture_id, row.amount_minor, row.currency, row.captured_at) for row in rows
+            ]
+
     async def authorization_status(self, payment_id: str) -> str | None:
         async with self.store.engine.connect() as conn:
             return (

@@ -1,6 +1,6 @@
 """Record the histories that tests/test_replay.py replays.
 
-    .venv/bin/python -m tests.histories.record
+    .venv/bin/python -m tests.histories.record [SCENARIO ...]   # all, or only these
 
 Run it only when a workflow change is meant to be incompatible (and then version the
 workflow, e.g. with `workflow.patched`, so that payments in flight keep replaying).
@@ -51,6 +51,9 @@ async def _cancel(payments: Payments, handle: Any) -> None:
 Action = Callable[[Payments, Any], Awaitable[None]]
 SCENARIOS: dict[str, tuple[int, dict[str, Any], Any, Action | None]] = {
     "settled": (12_500, {}, TEST_POLICY, None),
+    # Settlement since the processor captures (workflow.patched "processor-capture"):
+    # "settled" and the others keep the shape of payments started before it.
+    "settled_with_capture": (12_500, {}, TEST_POLICY, None),
     "declined_by_processor": (500, {"simulate": "decline"}, TEST_POLICY, None),
     "declined_by_risk": (
         2_000,
@@ -76,7 +79,11 @@ SCENARIOS: dict[str, tuple[int, dict[str, Any], Any, Action | None]] = {
 }
 
 
-async def main() -> None:
+async def main(names: list[str]) -> None:
+    unknown = sorted(set(names) - set(SCENARIOS))
+    if unknown:
+        raise SystemExit(f"unknown scenarios: {', '.join(unknown)}")
+    scenarios = {name: SCENARIOS[name] for name in names or SCENARIOS}
     with tempfile.TemporaryDirectory() as workdir, postgres_server(Path(workdir)) as pg:
         database = pg.create_database()
         env = await start_dev_server()
@@ -92,7 +99,7 @@ async def main() -> None:
             async with build_worker(
                 env.client, settings, task_queue=task_queue, activities=activities
             ):
-                for name, (amount, metadata, policy, action) in SCENARIOS.items():
+                for name, (amount, metadata, policy, action) in scenarios.items():
                     handle = await payments.start(
                         "alice", "bob", amount, metadata=metadata, policy=policy
                     )
@@ -112,9 +119,10 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
     import os
     import sys
+
+    asyncio.run(main(sys.argv[1:]))
 
     sys.stdout.flush()
     os._exit(0)  # see DEVELOPERS.md: the Temporal client can abort at exit
