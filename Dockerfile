@@ -13,6 +13,7 @@ COPY activities ./activities
 COPY ledger ./ledger
 COPY migrations ./migrations
 COPY api ./api
+COPY recon ./recon
 RUN pip install . && useradd --system --no-create-home paysaga
 
 USER paysaga

@@ -19,9 +19,11 @@ from temporalio.client import (
     Schedule,
     ScheduleActionStartWorkflow,
     ScheduleAlreadyRunningError,
+    ScheduleCalendarSpec,
     ScheduleIntervalSpec,
     ScheduleOverlapPolicy,
     SchedulePolicy,
+    ScheduleRange,
     ScheduleSpec,
     ScheduleUpdate,
     ScheduleUpdateInput,
@@ -31,14 +33,23 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 
 from activities.ledger import LedgerActivities
 from activities.processor import Authorizer, ProcessorActivities, SimulatedProcessor
+from activities.reconciliation import ReconciliationActivities, ReconciliationConfig
 from activities.sweeper import SweeperActivities
 from ledger.store import EventStore
 from paysaga.db import open_store, service_urls
-from paysaga.settings import Settings
+from paysaga.reconciliation import watch_inbox
+from paysaga.settings import DEFAULT_TASK_QUEUE, Settings
 from paysaga.temporal import connect
+from recon.rules import MatchRules
 from workflows.diagnostics import PingWorkflow
 from workflows.models import SweepRequest
 from workflows.payment import PaymentWorkflow
+from workflows.reconciliation import (
+    DiscrepancyWorkflow,
+    ReconciliationWorkflow,
+    StatementStreamWorkflow,
+)
+from workflows.reconciliation_models import ReconciliationRequest
 from workflows.sweeper import SweeperWorkflow
 
 log = logging.getLogger("paysaga.worker")
@@ -47,9 +58,17 @@ log = logging.getLogger("paysaga.worker")
 # this each run re-imports them (about 11x slower). They are deterministic to use.
 SANDBOX_PASSTHROUGH_MODULES = ("pydantic", "pydantic_core", "sqlalchemy", "ledger", "workflows")
 
-WORKFLOWS: Sequence[type] = (PaymentWorkflow, SweeperWorkflow, PingWorkflow)
+WORKFLOWS: Sequence[type] = (
+    PaymentWorkflow,
+    SweeperWorkflow,
+    PingWorkflow,
+    ReconciliationWorkflow,
+    StatementStreamWorkflow,
+    DiscrepancyWorkflow,
+)
 SCHEDULE_RPC_TIMEOUT = timedelta(seconds=10)
 SWEEP_EXECUTION_TIMEOUT = timedelta(minutes=15)
+RECON_EXECUTION_TIMEOUT = timedelta(hours=2)
 
 
 def sandbox_runner() -> SandboxedWorkflowRunner:
@@ -112,6 +131,35 @@ def payment_activities(
     return [*ledger.all(), *processor.all(), *sweeper.all()]
 
 
+def recon_config(settings: Settings) -> ReconciliationConfig:
+    return ReconciliationConfig(
+        app_url=service_urls(settings).app_url,
+        inbox=settings.recon_inbox_path,
+        task_queue=settings.task_queue,
+        rules=MatchRules(
+            amount_tolerance_minor=settings.recon_amount_tolerance_minor,
+            date_window_days=settings.recon_date_window_days,
+            batch_payouts=settings.recon_batch_payouts,
+            split_lines=settings.recon_batch_payouts,
+            settlement_window_s=settings.recon_settlement_window_s,
+        ),
+        open_payment_idle_s=settings.sweep_idle_s,
+    )
+
+
+def worker_activities(
+    store: EventStore, client: Client, settings: Settings, authorizer: Authorizer | None = None
+) -> list[Any]:
+    """Every activity of every workflow: the saga's and the sweeper's
+    (`payment_activities`), and reconciliation's."""
+    ledger = LedgerActivities(store)
+    authorizer = authorizer or SimulatedProcessor(store.engine)
+    processor = ProcessorActivities(authorizer, ledger)
+    sweeper = SweeperActivities(ledger, authorizer, client)
+    recon = ReconciliationActivities(store, client, sweeper, recon_config(settings))
+    return [*ledger.all(), *processor.all(), *sweeper.all(), *recon.all()]
+
+
 def sweeper_schedule_id(task_queue: str) -> str:
     return f"{task_queue}-sweeper"
 
@@ -135,7 +183,76 @@ async def ensure_sweeper_schedule(client: Client, settings: Settings) -> bool:
         # A sweep still running when the next is due: the next one is skipped.
         policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
     )
-    schedule_id = sweeper_schedule_id(queue)
+    return await _ensure_schedule(client, sweeper_schedule_id(queue), schedule)
+
+
+def recon_schedule_ids(task_queue: str) -> tuple[str, str]:
+    """`recon-continuous` and `recon-daily` on the default task queue (a test's own queue
+    gets its own pair)."""
+    prefix = "" if task_queue == DEFAULT_TASK_QUEUE else f"{task_queue}-"
+    return f"{prefix}recon-continuous", f"{prefix}recon-daily"
+
+
+def recon_schedules(settings: Settings) -> dict[str, Schedule]:
+    """The reconciliation schedules as configured: an incremental run every
+    PAYSAGA_RECON_INTERVAL_S, and a full run every day at PAYSAGA_RECON_DAILY_HOUR_UTC
+    that still runs if Temporal was down then and is back within the catch-up window."""
+    queue = settings.task_queue
+    continuous_id, daily_id = recon_schedule_ids(queue)
+    return {
+        continuous_id: Schedule(
+            action=ScheduleActionStartWorkflow(
+                ReconciliationWorkflow.run,
+                ReconciliationRequest(kind="continuous"),
+                id=continuous_id,
+                task_queue=queue,
+                execution_timeout=RECON_EXECUTION_TIMEOUT,
+                static_summary="Incremental reconciliation: what is new or still open",
+            ),
+            spec=ScheduleSpec(
+                intervals=[ScheduleIntervalSpec(every=timedelta(seconds=settings.recon_interval_s))]
+            ),
+            # A run still going when the next is due: the next one is skipped.
+            policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
+        ),
+        daily_id: Schedule(
+            action=ScheduleActionStartWorkflow(
+                ReconciliationWorkflow.run,
+                ReconciliationRequest(kind="daily", full=True),
+                id=daily_id,
+                task_queue=queue,
+                execution_timeout=RECON_EXECUTION_TIMEOUT,
+                static_summary="Daily full reconciliation",
+            ),
+            spec=ScheduleSpec(
+                calendars=[
+                    ScheduleCalendarSpec(
+                        hour=[ScheduleRange(settings.recon_daily_hour_utc)],
+                        minute=[ScheduleRange(0)],
+                        second=[ScheduleRange(0)],
+                    )
+                ],
+                time_zone_name="UTC",
+            ),
+            policy=SchedulePolicy(
+                overlap=ScheduleOverlapPolicy.SKIP,
+                catchup_window=timedelta(seconds=settings.recon_daily_catchup_window_s),
+            ),
+        ),
+    }
+
+
+async def ensure_recon_schedules(client: Client, settings: Settings) -> list[str]:
+    """Create the reconciliation schedules, or bring existing ones to the configuration;
+    returns the ids created. Any number of workers may call this at once."""
+    created = []
+    for schedule_id, schedule in recon_schedules(settings).items():
+        if await _ensure_schedule(client, schedule_id, schedule):
+            created.append(schedule_id)
+    return created
+
+
+async def _ensure_schedule(client: Client, schedule_id: str, schedule: Schedule) -> bool:
     try:
         await client.create_schedule(schedule_id, schedule, rpc_timeout=SCHEDULE_RPC_TIMEOUT)
         return True
@@ -157,11 +274,19 @@ async def run_worker(settings: Settings) -> None:
     store = await open_store(
         service_urls(settings), pool_size=min(settings.worker_local_activities_max, 32)
     )
-    worker = build_worker(client, settings, activities=payment_activities(store, client))
+    worker = build_worker(client, settings, activities=worker_activities(store, client, settings))
     created = await ensure_sweeper_schedule(client, settings)
     log.info(
         "sweeper schedule " + ("created" if created else "in place"),
         extra={"schedule_id": sweeper_schedule_id(settings.task_queue)},
+    )
+    recon_created = await ensure_recon_schedules(client, settings)
+    log.info(
+        "reconciliation schedules in place",
+        extra={
+            "schedule_ids": list(recon_schedule_ids(settings.task_queue)),
+            "schedules_created": recon_created,
+        },
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -171,11 +296,13 @@ async def run_worker(settings: Settings) -> None:
         "worker started",
         extra={"task_queue": settings.task_queue, "namespace": settings.temporal_namespace},
     )
+    inbox = asyncio.create_task(watch_inbox(client, settings, stop))
     try:
         async with worker:
             await stop.wait()
             log.info("worker stopping: finishing in-flight activities")
     finally:
+        await inbox
         await store.close()
     log.info("worker stopped")
 

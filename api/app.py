@@ -16,7 +16,8 @@ from temporalio.client import Client
 
 from api import problems
 from api.metrics import ApiMetrics, MetricsServer
-from api.routers import accounts, events, health, payments, risk
+from api.routers import accounts, events, health, payments, reconciliation, risk
+from api.routers.reconciliation import STATEMENT_BYTES_MAX
 from ledger.store import EventStore
 from paysaga.db import open_store, service_urls
 from paysaga.logs import request_id_var
@@ -26,6 +27,8 @@ from paysaga.temporal import LazyClient
 log = logging.getLogger("paysaga.api")
 
 BODY_BYTES_MAX = 64 * 1024
+# A statement upload (multipart): the file and its envelope.
+BODY_BYTES_MAX_BY_PATH = {"/v1/statements": STATEMENT_BYTES_MAX + 64 * 1024}
 REQUEST_ID_HEADER = "X-Request-Id"
 _REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 PAYMENT_METRICS_REFRESH_S = 10.0
@@ -45,8 +48,9 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = BODY_BYTES_MAX_BY_PATH.get(scope.get("path", ""), BODY_BYTES_MAX)
         declared = dict(scope.get("headers", [])).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > BODY_BYTES_MAX):
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
             await self._refuse(scope, receive, send)
             return
         buffered: list[Message] = []
@@ -57,7 +61,7 @@ class BodyLimit:
             if message["type"] != "http.request":
                 break
             received += len(message.get("body", b""))
-            if received > BODY_BYTES_MAX:
+            if received > limit:
                 await self._refuse(scope, receive, send)
                 return
             if not message.get("more_body", False):
@@ -69,8 +73,9 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        limit = BODY_BYTES_MAX_BY_PATH.get(scope.get("path", ""), BODY_BYTES_MAX)
         response = problems.problem_response(
-            413, "body_too_large", f"request bodies are limited to {BODY_BYTES_MAX} bytes"
+            413, "body_too_large", f"request bodies are limited to {limit} bytes"
         )
         await response(scope, receive, send)
 
@@ -111,6 +116,9 @@ async def _refresh_payment_metrics(app: FastAPI) -> None:
             await app.state.metrics.refresh_payments(app.state.store)
             await app.state.metrics.refresh_ledger_lags(app.state.store)
             await app.state.metrics.refresh_read_model_lags(app.state.store)
+            await app.state.metrics.refresh_discrepancies(
+                app.state.store, app.state.settings.recon_discrepancy_alert_age_s
+            )
         await asyncio.sleep(PAYMENT_METRICS_REFRESH_S)
 
 
@@ -168,4 +176,5 @@ def create_app(
     app.include_router(payments.router)
     app.include_router(events.router)
     app.include_router(risk.router)
+    app.include_router(reconciliation.router)
     return app

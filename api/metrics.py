@@ -21,9 +21,11 @@ from prometheus_client import (
     start_http_server,
 )
 
+from ledger.events import DISCREPANCY_TYPES
 from ledger.read_models import ReadModels
 from ledger.state_machine import PAYMENT_STATUS_BY_STATE, TERMINAL_STATES
 from ledger.store import EventStore
+from recon.cases import open_counts
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -84,6 +86,33 @@ class ApiMetrics:
             ["projection"],
             registry=self.registry,
         )
+
+        self.discrepancies_open = Gauge(
+            "paysaga_discrepancies_open",
+            "Reconciliation discrepancies not resolved yet, by type.",
+            ["type"],
+            registry=self.registry,
+        )
+        # The ageing alert: alert on this above zero.
+        self.discrepancies_overdue = Gauge(
+            "paysaga_discrepancies_overdue",
+            "Open discrepancies older than PAYSAGA_RECON_DISCREPANCY_ALERT_AGE_S, by type.",
+            ["type"],
+            registry=self.registry,
+        )
+
+    async def refresh_discrepancies(self, store: EventStore, overdue_after_s: int) -> None:
+        """Open and overdue discrepancies per type (every type, zeros included)."""
+        async with store.engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            driver = raw.driver_connection
+            assert driver is not None
+            counts = await open_counts(driver, overdue_after_s=overdue_after_s)
+            await conn.rollback()
+        for kind in DISCREPANCY_TYPES:
+            opened, overdue = counts.get(kind, (0, 0))
+            self.discrepancies_open.labels(kind).set(opened)
+            self.discrepancies_overdue.labels(kind).set(overdue)
 
     async def refresh_payments(self, store: EventStore) -> None:
         """Count ended payments by status, from the ledger's stream heads."""

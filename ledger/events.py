@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from ledger.money import AmountMinor, CurrencyCode, NonNegativeMinor
+from ledger.money import AMOUNT_MINOR_MAX, AmountMinor, CurrencyCode, NonNegativeMinor
 
 # Identifiers that appear in stream ids and URLs: readable, bounded, no spaces.
 ACCOUNT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
@@ -266,6 +266,115 @@ class RiskAlertRaised(DomainEvent):
     reason: Reason
 
 
+# --- reconciliation stream ---------------------------------------------------------------
+# A reconciliation run's stream, `recon-<run_id>`: one DiscrepancyDetected per difference
+# it found, its ReconciliationCompleted, and later each DiscrepancyResolved.
+RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
+RunId = Annotated[str, Field(pattern=RUN_ID_PATTERN)]
+DiscrepancyId = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")]
+SignedMinor = Annotated[int, Field(ge=-AMOUNT_MINOR_MAX, le=AMOUNT_MINOR_MAX)]
+Count = Annotated[int, Field(ge=0, le=2**63 - 1)]
+Seq = Annotated[int, Field(ge=0, le=2**63 - 1)]
+DiscrepancyType = Literal[
+    "missing_in_ledger",
+    "missing_in_statement",
+    "amount_mismatch",
+    "currency_mismatch",
+    "duplicate_in_statement",
+    "internal_drift",
+]
+DISCREPANCY_TYPES: tuple[DiscrepancyType, ...] = (
+    "missing_in_ledger",
+    "missing_in_statement",
+    "amount_mismatch",
+    "currency_mismatch",
+    "duplicate_in_statement",
+    "internal_drift",
+)
+ReconciliationKind = Literal["continuous", "daily", "manual", "statement"]
+# How a discrepancy was closed: by reconciliation itself where that is safe
+# (`posted_capture`; `matched_later`, when a later run matched its line or settlement),
+# otherwise by an operator.
+Resolution = Literal[
+    "posted_capture",
+    "matched_later",
+    "accepted",
+    "corrected_at_source",
+    "written_off",
+    "duplicate_ignored",
+    "false_positive",
+]
+RESOLUTIONS: tuple[Resolution, ...] = (
+    "posted_capture",
+    "matched_later",
+    "accepted",
+    "corrected_at_source",
+    "written_off",
+    "duplicate_ignored",
+    "false_positive",
+)
+
+
+def recon_stream(run_id: str) -> str:
+    return f"recon-{run_id}"
+
+
+class DiscrepancyDetected(DomainEvent):
+    """A difference a run found between a statement and the ledger, or inside the ledger
+    (`internal_drift`). Its id is a function of what differs, so no later run records it
+    again. Statement and ledger sides are given where each exists."""
+
+    event_type: ClassVar[str] = "DiscrepancyDetected"
+
+    run_id: RunId
+    discrepancy_id: DiscrepancyId
+    discrepancy_type: DiscrepancyType
+    payment_id: PaymentId | None
+    reference: Annotated[str, Field(max_length=200)] | None
+    statement_amount_minor: SignedMinor | None
+    statement_currency: CurrencyCode | None
+    ledger_amount_minor: SignedMinor | None
+    ledger_currency: CurrencyCode | None
+    statement_line_id: Seq | None
+    ledger_seq: Seq | None
+    description: Reason
+
+
+class ReconciliationCompleted(DomainEvent):
+    """A run's totals: what it matched, what it found, and how far it read each side."""
+
+    event_type: ClassVar[str] = "ReconciliationCompleted"
+
+    run_id: RunId
+    kind: ReconciliationKind
+    lines_matched: Count
+    items_matched: Count
+    lines_unmatched: Count
+    items_unmatched: Count
+    discrepancies: Count
+    missing_in_ledger: Count
+    missing_in_statement: Count
+    amount_mismatch: Count
+    currency_mismatch: Count
+    duplicate_in_statement: Count
+    internal_drift: Count
+    line_checkpoint: Seq
+    item_checkpoint: Seq
+
+
+class DiscrepancyResolved(DomainEvent):
+    """How a discrepancy was closed, by whom, and on what evidence (a statement line)."""
+
+    event_type: ClassVar[str] = "DiscrepancyResolved"
+
+    run_id: RunId
+    discrepancy_id: DiscrepancyId
+    resolution: Resolution
+    note: Reason
+    resolved_by: Actor
+    evidence_line_id: Seq | None
+
+
 EVENT_TYPES: dict[str, type[DomainEvent]] = {
     cls.event_type: cls
     for cls in (
@@ -283,6 +392,9 @@ EVENT_TYPES: dict[str, type[DomainEvent]] = {
         PaymentFailed,
         PaymentCancelled,
         RiskAlertRaised,
+        DiscrepancyDetected,
+        ReconciliationCompleted,
+        DiscrepancyResolved,
     )
 }
 

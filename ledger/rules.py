@@ -33,6 +33,7 @@ ENTITY_FIELD: dict[StreamKind, str] = {
     StreamKind.PAYMENT: "payment_id",
     StreamKind.ACCOUNT: "account_id",
     StreamKind.RISK: "account_id",
+    StreamKind.RECONCILIATION: "run_id",
 }
 # Events that move positions, and so go through ledger_apply_money.
 MONEY_EVENTS = frozenset({"AccountOpened", "FundsReserved", "PaymentSettled", "FundsReleased"})

@@ -22,6 +22,7 @@ class StreamKind(StrEnum):
     PAYMENT = "payment"
     ACCOUNT = "account"
     RISK = "risk"
+    RECONCILIATION = "recon"
 
 
 # (state, event type) -> next state.
@@ -59,15 +60,29 @@ RISK_TRANSITIONS: dict[tuple[str, str], str] = {
     ("open", "RiskAlertRaised"): "open",
 }
 
+# A reconciliation run: the differences it found, then its totals; each difference
+# is resolved later, once (its event id is a function of the discrepancy).
+RECONCILIATION_TRANSITIONS: dict[tuple[str, str], str] = {
+    (NEW, "DiscrepancyDetected"): "running",
+    ("running", "DiscrepancyDetected"): "running",
+    (NEW, "ReconciliationCompleted"): "completed",
+    ("running", "ReconciliationCompleted"): "completed",
+    ("completed", "DiscrepancyResolved"): "completed",
+}
+
 TRANSITIONS: dict[StreamKind, dict[tuple[str, str], str]] = {
     StreamKind.PAYMENT: PAYMENT_TRANSITIONS,
     StreamKind.ACCOUNT: ACCOUNT_TRANSITIONS,
     StreamKind.RISK: RISK_TRANSITIONS,
+    StreamKind.RECONCILIATION: RECONCILIATION_TRANSITIONS,
 }
 
 # Event types a stream may hold more than once (a payer's risk stream grows with each
-# alert). In every other stream an event type appears at most once (invariant 3).
-REPEATABLE_EVENT_TYPES = frozenset({"RiskAlertRaised"})
+# alert, a run's stream with each discrepancy). In every other stream an event type
+# appears at most once (invariant 3).
+REPEATABLE_EVENT_TYPES = frozenset(
+    {"RiskAlertRaised", "DiscrepancyDetected", "DiscrepancyResolved"}
+)
 
 TERMINAL_STATES = frozenset({"settled", "declined", "rejected", "failed", "cancelled"})
 

@@ -41,3 +41,16 @@ def run_sql_file(name: str) -> None:
     driver = op.get_bind().connection.driver_connection
     assert driver is not None, "the migration has no database connection"
     driver.execute(sql_file(name))
+
+
+def load_rules(name: str) -> None:
+    """Replace the catalog's rows and its payload check with those of one rendered file
+    (`python -m ledger.rules > migrations/sql/<revision>_ledger_rules.sql`).
+
+    CREATE OR REPLACE keeps the functions' owner and grants (no one but the ledger's own
+    functions may call them)."""
+    op.execute("DELETE FROM ledger_transitions")
+    op.execute("DELETE FROM ledger_event_types")
+    driver = op.get_bind().connection.driver_connection
+    assert driver is not None, "the migration has no database connection"
+    driver.execute(sql_file(name).replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION"))

@@ -13,6 +13,7 @@ import os
 import sys
 import traceback
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
@@ -25,6 +26,10 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
 T = TypeVar("T")
+# Width of `statement show`'s table when stdout is not a terminal.
+STATEMENT_TABLE_WIDTH_MAX = 400
+# How often `recon run` asks the workflow how far it got.
+RECON_POLL_S = 0.25
 
 app = typer.Typer(
     name="paysaga",
@@ -36,10 +41,24 @@ db_app = typer.Typer(help="Database migrations (run as the schema owner).", no_a
 apikey_app = typer.Typer(help="API keys: create, list and revoke.", no_args_is_help=True)
 temporal_app = typer.Typer(help="Temporal set-up for an external server.", no_args_is_help=True)
 ledger_app = typer.Typer(help="Prove the ledger: hash chain, positions, state machines.")
+statement_app = typer.Typer(
+    help="Bank and processor statements (camt.053, MT940, BAI2, processor CSV).",
+    no_args_is_help=True,
+)
 app.add_typer(db_app, name="db")
 app.add_typer(apikey_app, name="apikey")
 app.add_typer(temporal_app, name="temporal")
 app.add_typer(ledger_app, name="ledger", no_args_is_help=True)
+app.add_typer(statement_app, name="statement")
+processor_app = typer.Typer(
+    help="The built-in processor simulator: its settlement reports.", no_args_is_help=True
+)
+app.add_typer(processor_app, name="processor")
+recon_app = typer.Typer(
+    help="Reconciliation: the ledger against bank and processor statements.",
+    no_args_is_help=True,
+)
+app.add_typer(recon_app, name="recon")
 
 err = Console(stderr=True)
 
@@ -229,6 +248,62 @@ def sweep() -> None:
     typer.echo(report.model_dump_json())
 
 
+@recon_app.command("run")
+def recon_run(
+    full: Annotated[
+        bool, typer.Option("--full", help="Match everything again, not only what is new.")
+    ] = False,
+) -> None:
+    """Run a reconciliation now, with a progress bar; print what it found.
+
+    The run is a ReconciliationWorkflow on the task queue (a worker must be running), as
+    the schedules start it: it ingests the inbox, matches, checks the ledger against
+    itself and records what it found in the ledger.
+    """
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from paysaga.reconciliation import start_run
+    from paysaga.temporal import connect
+    from workflows.reconciliation_models import ReconciliationProgress, ReconciliationReport
+
+    settings = _settings()
+
+    async def run() -> ReconciliationReport:
+        client = await connect(settings, timeout_s=10)
+        handle = await start_run(client, settings, kind="manual", full=full)
+        result = asyncio.ensure_future(handle.result())
+        with Progress(
+            SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err
+        ) as progress:
+            task = progress.add_task(f"reconciliation {handle.id}", total=None)
+            while not result.done():
+                try:
+                    state = await handle.query("progress", result_type=ReconciliationProgress)
+                    progress.update(task, description=f"{state.run_id or handle.id}: {state.stage}")
+                except Exception:  # the first workflow task may not have run yet
+                    pass
+                await asyncio.wait([result], timeout=RECON_POLL_S)
+        report: ReconciliationReport = result.result()
+        return report
+
+    try:
+        report = asyncio.run(run())
+    except Exception as error:
+        fail(f"the reconciliation did not complete: {error}")
+    table = Table(title=f"reconciliation {report.run_id} ({report.kind})")
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    table.add_row("files ingested from the inbox", str(report.ingested.files_ingested))
+    table.add_row("files refused", str(report.ingested.files_refused))
+    for name, value in sorted(report.counts.items()):
+        table.add_row(name.replace("_", " "), str(value))
+    table.add_row("new discrepancies", str(report.discrepancies))
+    Console().print(table)
+    for refused in report.ingested.refused:
+        err.print(f"refused: {refused}")
+
+
 @app.command()
 def ping() -> None:
     """Run a diagnostic workflow through the task queue: proves a worker is serving it."""
@@ -378,6 +453,180 @@ def apikey_list() -> None:
                 }
             )
         )
+
+
+# --- statements ---------------------------------------------------------------------------
+@statement_app.command("show")
+def statement_show(
+    file: Annotated[Path, typer.Argument(help="A camt.053, MT940, BAI2 or processor CSV file.")],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the normalised lines as JSON.")
+    ] = False,
+) -> None:
+    """Parse a statement file and print its normalised lines, without ingesting it.
+
+    Touches no database. A file that cannot be read exits non-zero with the parser's
+    error, which names the line or the XML element.
+    """
+    from rich.markup import escape
+    from rich.table import Table
+
+    from ledger.money import format_amount
+    from recon.formats import FILE_BYTES_MAX, StatementError, parse_statement
+
+    try:
+        size = file.stat().st_size
+        if size > FILE_BYTES_MAX:
+            fail(escape(f"{file}: {size} bytes; statements are limited to {FILE_BYTES_MAX}"))
+        content = file.read_bytes()
+    except OSError as error:
+        fail(escape(f"cannot read {file}: {error.strerror or error}"))
+    try:
+        parsed = parse_statement(content, file.name)
+    except StatementError as error:
+        fail(escape(f"{file}: {error}"))
+    if as_json:
+        typer.echo(json.dumps(parsed.as_json()))
+        return
+    count = sum(len(statement.lines) for statement in parsed.statements)
+    err.print(
+        escape(
+            f"{file.name}: {parsed.format}, {len(parsed.statements)} statement(s), "
+            f"{count} line(s), sha256 {parsed.sha256}"
+        ),
+        highlight=False,
+    )
+    table = Table(show_lines=False, header_style="bold")
+    for column in ("statement", "account", "#", "value date", "booked", "amount", "kind"):
+        table.add_column(column, justify="right" if column in ("#", "amount") else "left")
+    for column in ("reference", "end-to-end id", "bank reference"):
+        table.add_column(column)
+    for statement, line in parsed.lines():
+        table.add_row(
+            *(
+                escape(value or "")
+                for value in (
+                    statement.statement_id,
+                    statement.account,
+                    str(line.line_no),
+                    line.value_date.isoformat(),
+                    line.booking_date.isoformat() if line.booking_date else "",
+                    format_amount(line.amount_minor, line.currency),
+                    line.kind,
+                    line.reference,
+                    line.end_to_end_id,
+                    line.bank_reference,
+                )
+            )
+        )
+    # A table piped to a file keeps every column whole instead of folding to 80 columns.
+    out = Console(width=None if sys.stdout.isatty() else STATEMENT_TABLE_WIDTH_MAX)
+    out.print(table)
+
+
+# --- the processor simulator --------------------------------------------------------------
+def _report_instant(raw: str, option: str) -> Any:
+    """A date (midnight UTC) or an RFC 3339 time with its offset."""
+    from datetime import UTC, date, datetime
+
+    try:
+        if len(raw) == 10:
+            return datetime.combine(date.fromisoformat(raw), datetime.min.time(), tzinfo=UTC)
+        instant = datetime.fromisoformat(raw)
+    except ValueError:
+        fail(f"{option} {raw!r}: expected a date (2026-11-24) or an RFC 3339 time", code=2)
+    if instant.tzinfo is None:
+        fail(f"{option} {raw!r}: give the time's offset (Z or +01:00)", code=2)
+    return instant
+
+
+@processor_app.command("report")
+def processor_report(
+    start: Annotated[
+        str, typer.Option("--from", help="Window start, included: a date (UTC) or RFC 3339.")
+    ],
+    end: Annotated[
+        str, typer.Option("--to", help="Window end, excluded: a date (UTC) or RFC 3339.")
+    ],
+    inject: Annotated[
+        str,
+        typer.Option(
+            help="Discrepancies to inject, as counts of lines: "
+            "missing=1,extra=1,wrong_amount=1,wrong_currency=1,duplicate=1,late=1"
+        ),
+    ] = "",
+    seed: Annotated[int, typer.Option(help="Which lines the injections pick.")] = 0,
+    out: Annotated[Path | None, typer.Option(help="Write the CSV here (default: stdout).")] = None,
+    ingest: Annotated[
+        bool,
+        typer.Option(
+            "--ingest",
+            help="Also ingest it for reconciliation (as the simulator's statement), and "
+            "start matching it at once if a worker is running.",
+        ),
+    ] = False,
+) -> None:
+    """The simulator's settlement report for [--from, --to), in the processor's CSV.
+
+    The manifest (the window, and every payment an injection touched) goes to stderr
+    as JSON.
+    """
+    from activities.settlement_report import build_settlement_report, parse_injections
+
+    window = (_report_instant(start, "--from"), _report_instant(end, "--to"))
+    try:
+        counts = parse_injections(inject)
+    except ValueError as error:
+        fail(f"--inject: {error}", code=2)
+
+    async def build(engine: AsyncEngine, settings: Settings) -> Any:
+        report = await build_settlement_report(engine, *window, inject=counts, seed=seed)
+        if ingest:
+            await _ingest_report(settings, report.content, f"processor-{start}-{end}.csv")
+        return report
+
+    try:
+        report = _with_owner_engine(build)
+    except ValueError as error:
+        fail(str(error), code=2)
+    if out is None:
+        sys.stdout.buffer.write(report.content)
+        sys.stdout.flush()
+    else:
+        out.write_bytes(report.content)
+    err.print_json(json.dumps(report.manifest()))
+
+
+async def _ingest_report(settings: Settings, content: bytes, filename: str) -> None:
+    """Ingest the simulator's report as a statement, and tell the statement stream."""
+    import psycopg
+
+    from ledger.db import to_libpq_url
+    from paysaga.reconciliation import statement_arrived
+    from paysaga.temporal import connect
+    from recon.formats import parse_statement
+    from recon.store import ingest
+    from workflows.reconciliation_models import StatementArrived
+
+    parsed = parse_statement(content, filename)
+    conn = await psycopg.AsyncConnection.connect(
+        to_libpq_url(_owner_url(settings)), autocommit=True
+    )
+    try:
+        result = await ingest(conn, parsed, source="simulator", filename=filename)
+    finally:
+        await conn.close()
+    if result.duplicate:
+        err.print("ingested before: nothing new")
+        return
+    err.print(f"ingested {result.lines_new} line(s) for reconciliation")
+    try:
+        client = await connect(settings, timeout_s=5)
+        await statement_arrived(
+            client, settings, StatementArrived(source="simulator", file_sha256=result.file_sha256)
+        )
+    except Exception as error:  # no Temporal: the next scheduled run matches it
+        err.print(f"matching starts at the next scheduled run ({error})")
 
 
 # --- Temporal -----------------------------------------------------------------------------

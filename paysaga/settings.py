@@ -32,6 +32,9 @@ Environment = Literal["development", "test", "production"]
 _ANY_HOST = frozenset({"0.0.0.0", "::", ""})
 
 
+DEFAULT_TASK_QUEUE = "payments"
+
+
 class Settings(BaseSettings):
     """paysaga's configuration. Field docs name the environment variable that sets each one."""
 
@@ -101,7 +104,7 @@ class Settings(BaseSettings):
     temporal_ui_port: int = Field(
         default=8233, ge=1, le=65535, description="PAYSAGA_TEMPORAL_UI_PORT: the dev server's UI."
     )
-    task_queue: str = Field(default="payments", description="PAYSAGA_TASK_QUEUE")
+    task_queue: str = Field(default=DEFAULT_TASK_QUEUE, description="PAYSAGA_TASK_QUEUE")
 
     # --- Worker -----------------------------------------------------------------------
     worker_activities_max: int = Field(
@@ -277,6 +280,74 @@ class Settings(BaseSettings):
         "this is left alone by the sweeper (it is in the middle of a step).",
     )
 
+    # --- Reconciliation ---------------------------------------------------------------
+    recon_interval_s: int = Field(
+        default=300,
+        ge=10,
+        le=86_400,
+        description="PAYSAGA_RECON_INTERVAL_S: how often the `recon-continuous` schedule "
+        "runs an incremental reconciliation.",
+    )
+    recon_daily_hour_utc: int = Field(
+        default=2,
+        ge=0,
+        le=23,
+        description="PAYSAGA_RECON_DAILY_HOUR_UTC: the hour (UTC) of the `recon-daily` full run.",
+    )
+    recon_daily_catchup_window_s: int = Field(
+        default=6 * 3600,
+        ge=60,
+        le=7 * 86_400,
+        description="PAYSAGA_RECON_DAILY_CATCHUP_WINDOW_S: a daily run missed while Temporal "
+        "was down still runs if Temporal is back within this long.",
+    )
+    recon_inbox_dir: Path | None = Field(
+        default=None,
+        description="PAYSAGA_RECON_INBOX_DIR: where statements dropped for reconciliation "
+        "wait (default: <data dir>/inbox). Ingested files move to its `done/`, refused ones "
+        "to `refused/` with the reason beside them.",
+    )
+    recon_inbox_poll_s: float = Field(
+        default=1.0,
+        gt=0,
+        le=60,
+        description="PAYSAGA_RECON_INBOX_POLL_S: how often the worker looks for new files in "
+        "the inbox; a new file starts matching at once.",
+    )
+    recon_amount_tolerance_minor: int = Field(
+        default=0,
+        ge=0,
+        le=1_000_000,
+        description="PAYSAGA_RECON_AMOUNT_TOLERANCE_MINOR: the rule pass matches a line and a "
+        "settlement with the same reference and currency whose amounts differ by at most this.",
+    )
+    recon_date_window_days: int = Field(
+        default=3,
+        ge=0,
+        le=31,
+        description="PAYSAGA_RECON_DATE_WINDOW_DAYS: how far apart a line's value date and its "
+        "settlement's may be in the rule pass (batched payouts come on or after the day).",
+    )
+    recon_settlement_window_s: int = Field(
+        default=2 * 86_400,
+        ge=0,
+        le=31 * 86_400,
+        description="PAYSAGA_RECON_SETTLEMENT_WINDOW_S: a settlement on no statement is "
+        "`missing_in_statement` only once it is older than this.",
+    )
+    recon_batch_payouts: bool = Field(
+        default=True,
+        description="PAYSAGA_RECON_BATCH_PAYOUTS: one line may match the sum of a day's "
+        "settlements in its currency (a daily payout), and several lines one settlement.",
+    )
+    recon_discrepancy_alert_age_s: int = Field(
+        default=86_400,
+        ge=60,
+        le=90 * 86_400,
+        description="PAYSAGA_RECON_DISCREPANCY_ALERT_AGE_S: an open discrepancy older than "
+        "this counts in the `paysaga_discrepancies_overdue` alert metric.",
+    )
+
     # --- Ledger -----------------------------------------------------------------------
     seal_interval_s: float = Field(
         default=2.0,
@@ -336,6 +407,11 @@ class Settings(BaseSettings):
     @property
     def data_path(self) -> Path:
         return self.data_dir.expanduser().resolve()
+
+    @property
+    def recon_inbox_path(self) -> Path:
+        inbox = self.recon_inbox_dir or self.data_dir / "inbox"
+        return inbox.expanduser().resolve()
 
     @property
     def uses_embedded_postgres(self) -> bool:

@@ -216,6 +216,7 @@ def banner(settings: Settings, started_s: float) -> Panel:
     table.add_row("PostgreSQL", where)
     table.add_row("Data", str(settings.data_path))
     table.add_row("Logs", str(settings.data_path / "logs"))
+    table.add_row("Statements", f"drop them in {settings.recon_inbox_path}")
     table.add_row(
         "API key",
         f"paysaga apikey create --name me --scopes {ALL_SCOPES}",
@@ -267,10 +268,12 @@ async def run_stack(settings: Settings, console: Console) -> None:
         try:
             app_url = await _start_servers(settings, supervisor, console)
             env = service_env(settings, app_url)
+            # The worker also creates the reconciliation and sweeper schedules, and watches
+            # the reconciliation inbox.
             await supervisor.start(python_service("worker", settings, env))
             # Chains the ledger into blocks, so that deleting any event is detected.
             await supervisor.start(python_service("sealer", settings, env))
-            # The read side's slot: the projector. Reconciliation schedules join it later.
+            # The read side: read models and the risk consumer.
             await supervisor.start(python_service("projector", settings, env))
             await supervisor.start(python_service("api", settings, env))
             await _wait_http_ok(f"{settings.api_url}/healthz", STARTUP_TIMEOUT_S)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PRODUCT = ("paysaga", "api", "activities", "workflows", "worker", "ledger", "migrations")
+PRODUCT = ("paysaga", "api", "activities", "workflows", "worker", "ledger", "migrations", "recon")
 LEDGER_TABLES = ("events", "streams", "accounts", "positions", "account_positions")
 _LEDGER_SQL = re.compile(
     r"\b(?:FROM|JOIN|INTO|UPDATE)\s+(?:public\.)?(" + "|".join(LEDGER_TABLES) + r")\b",
@@ -78,7 +78,7 @@ def test_money_rules_live_in_versioned_sql_files_not_in_python_strings() -> None
 
 @pytest.mark.parametrize(
     "path",
-    list(_python_files("api", "activities", "workflows", "paysaga", "worker.py")),
+    list(_python_files("api", "activities", "workflows", "paysaga", "recon", "worker.py")),
     ids=lambda p: str(p.relative_to(ROOT)),
 )
 def test_queries_on_ledger_tables_live_in_the_ledger(path: Path) -> None:

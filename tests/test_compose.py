@@ -103,6 +103,7 @@ def test_a_job_registers_the_search_attributes() -> None:
         "PaymentCurrency",
         "PayerAccountId",
         "PayeeAccountId",
+        "DiscrepancyType",
     }
 
 

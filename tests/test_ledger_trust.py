@@ -510,7 +510,7 @@ async def test_a_malformed_payload_is_refused_whatever_the_caller(
 
 # --- hostile arguments, at random -----------------------------------------------------------
 EVENT_TYPES = [row.event_type for row in event_type_rows()]
-STREAMS = ("i", "a", "r", "s", "new", "account", "risk", "junk")
+STREAMS = ("i", "a", "r", "s", "new", "account", "risk", "recon", "junk")
 _JUNK: list[Any] = [
     None,
     0,
@@ -585,6 +585,50 @@ def _valid_payload(event_type: str, payment: Payment, account_id: str) -> dict[s
             "trigger_seq": 1,
             "reason": "x",
         },
+        "DiscrepancyDetected": {
+            "run_id": "run-1",
+            "discrepancy_id": "d-1",
+            "discrepancy_type": "missing_in_ledger",
+            "payment_id": payment.payment_id,
+            "reference": payment.payment_id,
+            "statement_amount_minor": payment.amount_minor,
+            "statement_currency": payment.currency,
+            "ledger_amount_minor": None,
+            "ledger_currency": None,
+            "statement_line_id": 1,
+            "ledger_seq": None,
+            "description": "x",
+        },
+        "ReconciliationCompleted": {
+            "run_id": "run-1",
+            "kind": "manual",
+            **dict.fromkeys(
+                (
+                    "lines_matched",
+                    "items_matched",
+                    "lines_unmatched",
+                    "items_unmatched",
+                    "discrepancies",
+                    "missing_in_ledger",
+                    "missing_in_statement",
+                    "amount_mismatch",
+                    "currency_mismatch",
+                    "duplicate_in_statement",
+                    "internal_drift",
+                    "line_checkpoint",
+                    "item_checkpoint",
+                ),
+                0,
+            ),
+        },
+        "DiscrepancyResolved": {
+            "run_id": "run-1",
+            "discrepancy_id": "d-1",
+            "resolution": "accepted",
+            "note": "x",
+            "resolved_by": "ops",
+            "evidence_line_id": None,
+        },
     }
     return copy.deepcopy(shapes[event_type])
 
@@ -599,6 +643,7 @@ NEXT_TYPES = {
     "new": ["PaymentInitiated"],
     "account": ["AccountOpened"],
     "risk": ["RiskAlertRaised"],
+    "recon": ["DiscrepancyDetected", "ReconciliationCompleted", "DiscrepancyResolved"],
     "junk": ["PaymentInitiated"],
 }
 
@@ -649,6 +694,7 @@ def _build(
         "new": fresh.stream_id,
         "account": "account-mallory",
         "risk": "risk-alice",
+        "recon": "recon-run-1",
         "junk": "payment-../../etc",
     }.get(target, payment.stream_id)
     event_type = spec["event_type"]

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from alembic import op
 
-from migrations.support import app_role, sql_file
+from migrations.support import app_role, load_rules, sql_file
 
 revision: str = "0008"
 down_revision: str | None = "0007"
@@ -30,21 +30,9 @@ depends_on: str | Sequence[str] | None = None
 PROJECTION_TABLES = "checkpoints, balances, entries, payments, risk_alerts, risk_payers"
 
 
-def _load_rules(name: str) -> None:
-    """Replace the catalog's rows and its payload check with those of one rendered file.
-
-    CREATE OR REPLACE keeps the functions' owner and grants (no one but the ledger's own
-    functions may call them)."""
-    op.execute("DELETE FROM ledger_transitions")
-    op.execute("DELETE FROM ledger_event_types")
-    driver = op.get_bind().connection.driver_connection
-    assert driver is not None, "the migration has no database connection"
-    driver.execute(sql_file(name).replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION"))
-
-
 def upgrade() -> None:
     role = app_role()
-    _load_rules("0008_ledger_rules")
+    load_rules("0008_ledger_rules")
     driver = op.get_bind().connection.driver_connection
     assert driver is not None, "the migration has no database connection"
     driver.execute(sql_file("0008_read_models"))
@@ -62,7 +50,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.execute("DROP SCHEMA projection_shadow CASCADE")
     op.execute("DROP SCHEMA projection CASCADE")
-    _load_rules("0005_ledger_rules")
+    load_rules("0005_ledger_rules")
     driver = op.get_bind().connection.driver_connection
     assert driver is not None, "the migration has no database connection"
     driver.execute(
