@@ -565,3 +565,38 @@ async def test_bank_statements_in_each_format_built_from_real_settlements_are_re
     }
     completed = await recon.wait_for_events("ReconciliationCompleted", 1)
     assert completed[0].payload["lines_matched"] == len(settled) - 2
+
+
+async def test_open_discrepancies_show_in_the_metrics_and_overdue_ones_raise_the_alert(
+    recon: Recon, settings: Settings
+) -> None:
+    settled = await _settled_lines(recon)
+    day = next(iter(settled.values()))[0]
+    content = processor_csv([*settled.values(), (day, "stray-capture", 1_234, "EUR")])
+    assert (await recon.upload("stray.csv", content)).status_code == 201
+    await recon.wait_for_events("DiscrepancyDetected", 1)
+    app = recon.api.http._transport.app  # type: ignore[attr-defined]
+    await app.state.metrics.refresh_discrepancies(recon.store, overdue_after_s=3_600)
+    text_ = (await recon.api.http.get("/metrics")).text
+    assert 'paysaga_discrepancies_open{type="missing_in_ledger"} 1.0' in text_
+    assert 'paysaga_discrepancies_overdue{type="missing_in_ledger"} 0.0' in text_
+    await app.state.metrics.refresh_discrepancies(recon.store, overdue_after_s=0)
+    text_ = (await recon.api.http.get("/metrics")).text
+    assert 'paysaga_discrepancies_overdue{type="missing_in_ledger"} 1.0' in text_
+
+
+async def test_paysaga_recon_run_reports_a_run_with_its_counts(
+    recon: Recon, task_queue: str, database: IsolatedDatabase
+) -> None:
+    env = clean_env(
+        DATABASE_APP_URL=database.urls.app_url,
+        TEMPORAL_ADDRESS=recon.settings.temporal_target,
+        TEMPORAL_NAMESPACE=recon.settings.temporal_namespace,
+        PAYSAGA_TASK_QUEUE=task_queue,
+    )
+    # In a thread: the worker that runs the reconciliation shares this event loop.
+    result = await asyncio.to_thread(paysaga, "recon", "run", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "lines matched" in result.stdout and "new discrepancies" in result.stdout
+    completed = await recon.wait_for_events("ReconciliationCompleted", 1)
+    assert completed[0].payload["kind"] == "manual"
