@@ -183,26 +183,17 @@ class ReconciliationActivities:
         """Positions and read models against a fold of the events, the seal and every
         chain, and open payments whose workflow no longer runs."""
         findings: list[cases.Finding] = []
-        checked = await check_ledger(self.store.engine)
-        for violation in checked.violations[:INTERNAL_FINDINGS_MAX]:
-            findings.append(
+        for check in (check_ledger, verify_chain):
+            report = await check(self.store.engine)
+            findings += [
                 cases.Finding(
-                    check=f"check/{violation.rule}",
+                    check=f"{report.name}/{violation.rule}",
                     subject=violation.stream_id or str(violation.global_seq or ""),
-                    description=f"ledger check, {violation.rule}: {violation.message}",
+                    description=f"ledger {report.name}, {violation.rule}: {violation.message}",
                 )
-            )
-        _heartbeat("ledger checked")
-        verified = await verify_chain(self.store.engine)
-        for violation in verified.violations[:INTERNAL_FINDINGS_MAX]:
-            findings.append(
-                cases.Finding(
-                    check=f"verify/{violation.rule}",
-                    subject=violation.stream_id or str(violation.global_seq or ""),
-                    description=f"ledger verify, {violation.rule}: {violation.message}",
-                )
-            )
-        _heartbeat("chain verified")
+                for violation in report.violations[:INTERNAL_FINDINGS_MAX]
+            ]
+            _heartbeat(f"ledger {report.name} done")
         open_payments = await self.store.open_payments(
             idle_s=self.config.open_payment_idle_s, limit=OPEN_PAYMENTS_CHECKED_MAX
         )

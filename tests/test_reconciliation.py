@@ -35,6 +35,7 @@ from tests.harness.api import Api, make_keys, serve
 from tests.harness.ledger import Payment
 from tests.harness.operators import Gate, gated_worker, temporal_cli
 from tests.harness.postgres import IsolatedDatabase
+from tests.harness.read_side import project
 from tests.harness.saga import Payments
 from tests.harness.stack import clean_env, paysaga
 from worker import build_worker, worker_activities
@@ -600,3 +601,33 @@ async def test_paysaga_recon_run_reports_a_run_with_its_counts(
     assert "lines matched" in result.stdout and "new discrepancies" in result.stdout
     completed = await recon.wait_for_events("ReconciliationCompleted", 1)
     assert completed[0].payload["kind"] == "manual"
+
+
+async def test_a_read_model_that_disagrees_with_the_ledger_is_internal_drift(
+    recon: Recon, database: IsolatedDatabase, owner_engine: AsyncEngine
+) -> None:
+    await project(recon.store, database)
+    async with owner_engine.begin() as conn:
+        await conn.execute(
+            text(
+                "UPDATE projection.balances SET credits_posted = credits_posted + 1 "
+                "WHERE account_id = 'bob'"
+            )
+        )
+    try:
+        run = await (await start_run(recon.client, recon.settings, kind="manual")).result()
+        assert run.counts["internal_drift"] >= 1, run
+        drift = [
+            e.payload["description"]
+            for e in await recon.events("DiscrepancyDetected")
+            if e.payload["discrepancy_type"] == "internal_drift"
+        ]
+        assert any("read-model" in d and "balances" in d for d in drift), drift
+    finally:
+        async with owner_engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "UPDATE projection.balances SET credits_posted = credits_posted - 1 "
+                    "WHERE account_id = 'bob'"
+                )
+            )
