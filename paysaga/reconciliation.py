@@ -99,14 +99,15 @@ def _stream_id(settings: Settings) -> str:
 async def open_case(
     client: Client, task_queue: str, case: DiscrepancyCase
 ) -> WorkflowHandle[DiscrepancyWorkflow, DiscrepancyOutcome]:
-    """The discrepancy's workflow: started once, ever (a closed one is not reopened)."""
+    """The discrepancy's workflow, if it is not running: one that completed (resolved)
+    is never started again; one that was terminated, cancelled or failed is."""
     return await client.start_workflow(
         DiscrepancyWorkflow.run,
         case,
         id=discrepancy_workflow_id(case.discrepancy_id),
         task_queue=task_queue,
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-        id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
         search_attributes=TypedSearchAttributes(
             [SearchAttributePair(DISCREPANCY_TYPE, case.discrepancy_type)]
         ),

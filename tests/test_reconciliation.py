@@ -631,3 +631,58 @@ async def test_a_read_model_that_disagrees_with_the_ledger_is_internal_drift(
                     "WHERE account_id = 'bob'"
                 )
             )
+
+
+async def test_operators_may_terminate_or_reset_reconciliation_workflows_and_nothing_is_lost(
+    recon: Recon,
+) -> None:
+    settled = await _settled_lines(recon)
+    day = next(iter(settled.values()))[0]
+    content = processor_csv([*settled.values(), (day, "orphan-capture", 4_321, "EUR")])
+    assert (await recon.upload("orphan.csv", content)).status_code == 201
+    (detected,) = await recon.wait_for_events("DiscrepancyDetected", 1)
+    discrepancy_id = detected.payload["discrepancy_id"]
+
+    # Reset a completed run to its first workflow task: the re-run is the same run, so
+    # it records nothing again.
+    handle = await start_run(recon.client, recon.settings, kind="manual")
+    await handle.result()
+    before = (
+        len(await recon.events("DiscrepancyDetected")),
+        len(await recon.events("ReconciliationCompleted")),
+    )
+    temporal_cli(
+        recon.client, "workflow", "reset", "--workflow-id", handle.id,
+        "--type", "FirstWorkflowTask", "--reason", "operator re-runs it",
+    )  # fmt: skip
+    reset = recon.client.get_workflow_handle(handle.id)
+    await reset.result()
+    after = (
+        len(await recon.events("DiscrepancyDetected")),
+        len(await recon.events("ReconciliationCompleted")),
+    )
+    assert after == before
+
+    # Terminate the discrepancy's workflow: an operator can still resolve it, once.
+    temporal_cli(
+        recon.client, "workflow", "terminate", "--workflow-id", f"discrepancy-{discrepancy_id}",
+        "--reason", "operator pulled the plug",
+    )  # fmt: skip
+    resolved = await recon.api.post(
+        f"/v1/discrepancies/{discrepancy_id}/resolve",
+        {"resolution": "written_off", "note": "no such capture at the processor"},
+        caller="ops",
+        idempotency_key=None,
+    )
+    assert resolved.status_code == 200, resolved.text
+    events = await recon.events("DiscrepancyResolved")
+    assert [(e.payload["discrepancy_id"], e.payload["resolution"]) for e in events] == [
+        (discrepancy_id, "written_off")
+    ]
+    again = await recon.api.post(
+        f"/v1/discrepancies/{discrepancy_id}/resolve",
+        {"resolution": "accepted", "note": "again"},
+        caller="ops",
+        idempotency_key=None,
+    )
+    assert again.status_code == 409

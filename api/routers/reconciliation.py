@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -26,6 +27,7 @@ from fastapi import APIRouter, File, Path, Query, Response, UploadFile
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, Field
 from temporalio.client import WorkflowUpdateFailedError
+from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
 from api.deps import OpsKey, SettingsDep, TemporalDep
@@ -34,7 +36,7 @@ from api.report import DayCount, ReportDiscrepancy, ReportRun, render_report
 from ledger.db import to_libpq_url
 from ledger.events import Actor, DiscrepancyType, Reason, Resolution
 from paysaga.db import service_urls
-from paysaga.reconciliation import resolve_case, start_run, statement_arrived
+from paysaga.reconciliation import open_case, resolve_case, start_run, statement_arrived
 from paysaga.settings import Settings
 from recon import cases
 from recon.formats import StatementError, parse_statement
@@ -384,12 +386,15 @@ async def resolve_discrepancy(
     if found[0].status == "resolved":
         raise ProblemError(409, "already_resolved", "this discrepancy is already resolved")
     by: Actor = f"api-key:{key.key_id}"
+    request = ResolveRequest(resolution=body.resolution, note=body.note, resolved_by=by)
     try:
-        outcome = await resolve_case(
-            temporal,
-            str(discrepancy_id),
-            ResolveRequest(resolution=body.resolution, note=body.note, resolved_by=by),
-        )
+        outcome = await resolve_case(temporal, str(discrepancy_id), request)
+        if outcome is None and found[0].status == "open":
+            # Its workflow is gone (an operator terminated it): start it again, then
+            # resolve through it, so the resolution is recorded the one way it always is.
+            with contextlib.suppress(WorkflowAlreadyStartedError):  # it completed meanwhile
+                await open_case(temporal, settings.task_queue, found[0].case())
+                outcome = await resolve_case(temporal, str(discrepancy_id), request)
     except WorkflowUpdateFailedError as error:
         raise ProblemError(422, "resolution_refused", str(error.cause or error)) from None
     if outcome is None:
