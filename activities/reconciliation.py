@@ -107,7 +107,6 @@ class ReconciliationActivities:
         be read, to `refused/` with the reason beside it). A file ingested before a crash
         is known by its hash the second time, and only moved."""
         inbox = self.config.inbox
-        report = IngestReport()
         ingested = known = refused_count = lines = 0
         refused: list[str] = []
         async with self._connect() as conn:
@@ -131,14 +130,13 @@ class ReconciliationActivities:
                     ingested += 1
                     lines += result.lines_new
                 _move(path, inbox / "done")
-        report = IngestReport(
+        return IngestReport(
             files_ingested=ingested,
             files_known=known,
             files_refused=refused_count,
             lines_new=lines,
             refused=refused[:20],
         )
-        return report
 
     @activity.defn(name="recon.reconcile")
     async def reconcile(self, request: ReconcileInput) -> RunSummary:

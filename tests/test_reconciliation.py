@@ -58,6 +58,14 @@ class Recon:
     async def wait_for_events(self, event_type: str, count: int) -> list[Any]:
         return await wait_for_events(self.store, event_type, count)
 
+    async def resolve(self, discrepancy_id: Any, body: dict[str, Any]) -> Any:
+        return await self.api.post(
+            f"/v1/discrepancies/{discrepancy_id}/resolve",
+            body,
+            caller="ops",
+            idempotency_key=None,
+        )
+
     async def upload(self, name: str, content: bytes) -> Any:
         return await self.api.http.post(
             "/v1/statements",
@@ -214,28 +222,18 @@ async def test_an_uploaded_statement_is_matched_within_seconds_and_each_discrepa
 
     # An operator resolves one: the workflow records it in the ledger, once.
     target = open_["amount_mismatch"]["id"]
-    resolved = await recon.api.post(
-        f"/v1/discrepancies/{target}/resolve",
-        {"resolution": "accepted", "note": "the processor charged a 0.50 surcharge"},
-        caller="ops",
-        idempotency_key=None,
+    resolved = await recon.resolve(
+        target, {"resolution": "accepted", "note": "the processor charged a 0.50 surcharge"}
     )
     assert resolved.status_code == 200, resolved.text
     assert resolved.json()["resolution"] == "accepted"
     events = await recon.events("DiscrepancyResolved")
     assert [e.payload["discrepancy_id"] for e in events] == [target]
-    twice = await recon.api.post(
-        f"/v1/discrepancies/{target}/resolve",
-        {"resolution": "written_off", "note": "again"},
-        caller="ops",
-        idempotency_key=None,
-    )
+    twice = await recon.resolve(target, {"resolution": "written_off", "note": "again"})
     assert twice.status_code == 409
-    automatic = await recon.api.post(
-        f"/v1/discrepancies/{open_['missing_in_ledger']['id']}/resolve",
+    automatic = await recon.resolve(
+        open_["missing_in_ledger"]["id"],
         {"resolution": "posted_capture", "note": "not mine to choose"},
-        caller="ops",
-        idempotency_key=None,
     )
     assert automatic.status_code == 422
     assert len(await recon.events("DiscrepancyResolved")) == 1
@@ -482,12 +480,7 @@ async def test_hostile_uploads_and_resolutions_get_a_clear_4xx_and_change_nothin
     assert too_big.status_code == 413
     no_file = await recon.api.http.post("/v1/statements", headers=recon.api.headers("ops"))
     assert no_file.status_code == 422
-    unknown = await recon.api.post(
-        f"/v1/discrepancies/{uuid.uuid4()}/resolve",
-        {"resolution": "accepted", "note": "x"},
-        caller="ops",
-        idempotency_key=None,
-    )
+    unknown = await recon.resolve(uuid.uuid4(), {"resolution": "accepted", "note": "x"})
     assert unknown.status_code == 404
     for body in (
         {"resolution": "accepted", "note": ""},
@@ -495,16 +488,9 @@ async def test_hostile_uploads_and_resolutions_get_a_clear_4xx_and_change_nothin
         {"resolution": "made_up", "note": "x"},
         {"resolution": "accepted"},
     ):
-        refused = await recon.api.post(
-            f"/v1/discrepancies/{uuid.uuid4()}/resolve", body, caller="ops", idempotency_key=None
-        )
+        refused = await recon.resolve(uuid.uuid4(), body)
         assert refused.status_code == 422, (body, refused.text)
-    bad_id = await recon.api.post(
-        "/v1/discrepancies/not-a-uuid/resolve",
-        {"resolution": "accepted", "note": "x"},
-        caller="ops",
-        idempotency_key=None,
-    )
+    bad_id = await recon.resolve("not-a-uuid", {"resolution": "accepted", "note": "x"})
     assert bad_id.status_code == 422
     for cursor in ("junk", "ZDpub3QtYS1kYXRlfHg", "x" * 121):
         listed = await recon.api.get("/v1/discrepancies", caller="ops", params={"cursor": cursor})
@@ -668,21 +654,13 @@ async def test_operators_may_terminate_or_reset_reconciliation_workflows_and_not
         recon.client, "workflow", "terminate", "--workflow-id", f"discrepancy-{discrepancy_id}",
         "--reason", "operator pulled the plug",
     )  # fmt: skip
-    resolved = await recon.api.post(
-        f"/v1/discrepancies/{discrepancy_id}/resolve",
-        {"resolution": "written_off", "note": "no such capture at the processor"},
-        caller="ops",
-        idempotency_key=None,
+    resolved = await recon.resolve(
+        discrepancy_id, {"resolution": "written_off", "note": "no such capture at the processor"}
     )
     assert resolved.status_code == 200, resolved.text
     events = await recon.events("DiscrepancyResolved")
     assert [(e.payload["discrepancy_id"], e.payload["resolution"]) for e in events] == [
         (discrepancy_id, "written_off")
     ]
-    again = await recon.api.post(
-        f"/v1/discrepancies/{discrepancy_id}/resolve",
-        {"resolution": "accepted", "note": "again"},
-        caller="ops",
-        idempotency_key=None,
-    )
+    again = await recon.resolve(discrepancy_id, {"resolution": "accepted", "note": "again"})
     assert again.status_code == 409
