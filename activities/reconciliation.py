@@ -35,7 +35,7 @@ from ledger.events import (
     recon_stream,
 )
 from ledger.store import EventStore, NewEvent
-from ledger.verify import check_ledger, verify_chain
+from ledger.verify import Report, SealPoint, check_ledger, verify_chain, verify_seal_since
 from paysaga.reconciliation import inbox_files, open_case, resolve_case
 from recon import cases
 from recon.formats import StatementError, parse_statement
@@ -154,7 +154,9 @@ class ReconciliationActivities:
             # The internal checks fold the whole ledger: the scheduled and manual runs do
             # them, not each pass over an arriving statement.
             checks = not result.replayed and request.kind != "statement"
-            findings = await self._internal_checks() if checks else []
+            findings = (
+                await self._internal_checks(conn, request.run_id, request.full) if checks else []
+            )
             drift = await cases.record_internal_drift(conn, request.run_id, findings, request.now)
         counts = {
             "lines_considered": result.lines_considered,
@@ -177,12 +179,17 @@ class ReconciliationActivities:
             item_checkpoint=result.item_checkpoint,
         )
 
-    async def _internal_checks(self) -> list[cases.Finding]:
-        """Positions and read models against a fold of the events, the seal and every
-        chain, and open payments whose workflow no longer runs."""
+    async def _internal_checks(
+        self, conn: psycopg.AsyncConnection[Any], run_id: str, full: bool
+    ) -> list[cases.Finding]:
+        """Positions and read models against a fold of the events, the seal, and open
+        payments whose workflow no longer runs. A full run walks every chain and every
+        block; the others verify the blocks sealed since the last verified one."""
         findings: list[cases.Finding] = []
-        for check in (check_ledger, verify_chain):
-            report = await check(self.store.engine)
+        for report in (
+            await check_ledger(self.store.engine),
+            await self._verify_seal(conn, run_id, full),
+        ):
             findings += [
                 cases.Finding(
                     check=f"{report.name}/{violation.rule}",
@@ -210,6 +217,23 @@ class ReconciliationActivities:
                     )
                 )
         return findings
+
+    async def _verify_seal(
+        self, conn: psycopg.AsyncConnection[Any], run_id: str, full: bool
+    ) -> Report:
+        since = None if full else await seal_checkpoint(conn)
+        if full:
+            report = await verify_chain(self.store.engine)
+            point = report.seal_point
+        else:
+            report, point = await verify_seal_since(self.store.engine, since)
+        if report.ok and point is not None and point != since:
+            await conn.execute(
+                "INSERT INTO recon.seal_verifications (run_id, block_no, last_seq, hash, full_run)"
+                " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (run_id) DO NOTHING",
+                (run_id, point.block_no, point.last_seq, point.hash, full),
+            )
+        return report
 
     @activity.defn(name="recon.record")
     async def record(self, summary: RunSummary) -> int:
@@ -387,3 +411,13 @@ def _workflow_id() -> str | None:
 def _heartbeat(details: str) -> None:
     if activity.in_activity():
         activity.heartbeat(details)
+
+
+async def seal_checkpoint(conn: psycopg.AsyncConnection[Any]) -> SealPoint | None:
+    """The newest block a reconciliation run verified, if any."""
+    cursor = await conn.execute(
+        "SELECT block_no, last_seq, hash FROM recon.seal_verifications "
+        "ORDER BY block_no DESC LIMIT 1"
+    )
+    row = await cursor.fetchone()
+    return None if row is None else SealPoint(int(row[0]), int(row[1]), bytes(row[2]))

@@ -54,6 +54,15 @@ class Violation:
 
 
 @dataclass(frozen=True)
+class SealPoint:
+    """A sealed block verified once, from which a later verification may start."""
+
+    block_no: int
+    last_seq: int
+    hash: bytes
+
+
+@dataclass(frozen=True)
 class Digest:
     """The latest block's end and hash: a root to keep outside the database."""
 
@@ -86,6 +95,8 @@ class Report:
     unsealed: int = 0
     read_models: int = 0
     violations: list[Violation] = field(default_factory=list)
+    # The newest block walked, where a later `verify_seal_since` may start.
+    seal_point: SealPoint | None = None
 
     @property
     def ok(self) -> bool:
@@ -148,19 +159,35 @@ async def _snapshot(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
             yield conn
 
 
-async def _events(conn: AsyncConnection) -> AsyncIterator[Any]:
-    after = 0
+_EVENT_COLUMNS = (
+    "e.global_seq, e.stream_id, e.stream_version, e.event_id, e.event_type, "
+    "e.schema_version, e.payload, e.actor, e.correlation_id, e.causation_id, e.attempt, "
+    "e.recorded_at, e.prev_hash, e.hash, e.hash_scheme"
+)
+# Each event with its stream predecessor's version and hash (one unique-index seek), for
+# a walk that starts in the middle of the log.
+_EVENTS_LINKED = text(
+    f"SELECT {_EVENT_COLUMNS}, p.stream_version AS link_version, p.hash AS link_hash "
+    "FROM events e LEFT JOIN events p "
+    "ON p.stream_id = e.stream_id AND p.stream_version = e.stream_version - 1 "
+    "WHERE e.global_seq > :after AND e.global_seq <= :upto ORDER BY e.global_seq LIMIT :limit"
+)
+
+
+async def _events(
+    conn: AsyncConnection, after: int = 0, upto: int | None = None
+) -> AsyncIterator[Any]:
+    query = (
+        text(
+            f"SELECT {_EVENT_COLUMNS} FROM events e "
+            "WHERE e.global_seq > :after ORDER BY e.global_seq LIMIT :limit"
+        )
+        if upto is None
+        else _EVENTS_LINKED
+    )
     while True:
         rows = (
-            await conn.execute(
-                text(
-                    "SELECT global_seq, stream_id, stream_version, event_id, event_type, "
-                    "schema_version, payload, actor, correlation_id, causation_id, attempt, "
-                    "recorded_at, prev_hash, hash, hash_scheme FROM events "
-                    "WHERE global_seq > :after ORDER BY global_seq LIMIT :limit"
-                ),
-                {"after": after, "limit": BATCH_SIZE},
-            )
+            await conn.execute(query, {"after": after, "upto": upto, "limit": BATCH_SIZE})
         ).all()
         if not rows:
             return
@@ -169,8 +196,7 @@ async def _events(conn: AsyncConnection) -> AsyncIterator[Any]:
         after = rows[-1].global_seq
 
 
-async def _blocks(conn: AsyncConnection) -> AsyncIterator[Any]:
-    after = 0
+async def _blocks(conn: AsyncConnection, after: int = 0) -> AsyncIterator[Any]:
     while True:
         rows = (
             await conn.execute(
@@ -233,16 +259,23 @@ def _event_hash(row: Any) -> bytes:
 class _Seal:
     """Walks the blocks alongside the events, one block in memory at a time."""
 
-    def __init__(self, report: Report, blocks: AsyncIterator[Any], digest: Digest | None) -> None:
+    def __init__(
+        self,
+        report: Report,
+        blocks: AsyncIterator[Any],
+        digest: Digest | None,
+        since: SealPoint | None = None,
+    ) -> None:
         self.report = report
         self.blocks = blocks
         self.digest = digest
         self.digest_seen = False
         self.block: Any = None
         self.present: dict[int, tuple[str, bytes]] = {}
-        self.stored_prev = GENESIS_HASH
-        self.actual_prev = GENESIS_HASH
-        self.last_seq = 0
+        self.stored_prev = GENESIS_HASH if since is None else since.hash
+        self.actual_prev = self.stored_prev
+        self.last_seq = 0 if since is None else since.last_seq
+        report.blocks = 0 if since is None else since.block_no
         self.missing: dict[str, list[int]] = defaultdict(list)
 
     async def _next_block(self) -> None:
@@ -352,6 +385,7 @@ class _Seal:
                 )
         self.stored_prev = bytes(block.hash)
         self.last_seq = block.last_seq
+        report.seal_point = SealPoint(int(number), int(block.last_seq), bytes(block.hash))
 
 
 async def verify_chain(
@@ -404,6 +438,60 @@ async def _verify_chain(
                 "missing-head", f"{stream_id} has events but no head", seq=seq, stream=stream_id
             )
     return report
+
+
+async def verify_seal_since(
+    engine: AsyncEngine, since: SealPoint | None
+) -> tuple[Report, SealPoint | None]:
+    """Verify the blocks sealed after `since` (all of them if None): each block's hash and
+    link, and each event in their ranges, its hash and its link to its stream's previous
+    event, which may lie before `since`. Returns the report and the newest block reached
+    (`since` again when there is no new block), for the next call to start from; a
+    full `verify_chain` report carries its own in `seal_point`.
+
+    It trusts `since`, which an earlier verification established: a scheduled check costs
+    what was sealed since the last one, not the whole log. `verify_chain` is the full walk."""
+    async with _snapshot(engine) as conn:
+        report = Report("seal")
+        after = 0 if since is None else since.block_no
+        newest = (
+            await conn.execute(
+                text(
+                    "SELECT block_no, last_seq, hash FROM ledger_blocks "
+                    "ORDER BY block_no DESC LIMIT 1"
+                )
+            )
+        ).one_or_none()
+        if newest is None or newest.block_no <= after:
+            if since is not None and newest is None:
+                report.add("block-link", f"block {since.block_no}, verified before, is gone")
+            return report, since
+        if since is not None:
+            kept = (
+                await conn.execute(
+                    text("SELECT hash FROM ledger_blocks WHERE block_no = :n"),
+                    {"n": since.block_no},
+                )
+            ).one_or_none()
+            if kept is None or bytes(kept.hash) != since.hash:
+                report.add(
+                    "block-hash",
+                    f"block {since.block_no} no longer carries the hash it was verified with",
+                )
+        seal = _Seal(report, _blocks(conn, after), None, since)
+        await seal.start()
+        last: dict[str, tuple[int, bytes, int]] = {}
+        start_seq = 0 if since is None else since.last_seq
+        async for row in _events(conn, start_seq, newest.last_seq):
+            report.events += 1
+            await seal.see(row.global_seq, row.stream_id, bytes(row.hash))
+            if row.stream_id not in last and row.link_hash is not None:
+                last[row.stream_id] = (row.link_version, bytes(row.link_hash), 0)
+            _verify_event(report, row, last)
+            last[row.stream_id] = (row.stream_version, bytes(row.hash), row.global_seq)
+        report.streams = len(last)
+        await seal.finish(set(last))
+        return report, report.seal_point or since
 
 
 def _verify_event(report: Report, row: Any, last: dict[str, tuple[int, bytes, int]]) -> None:

@@ -19,8 +19,14 @@ import pytest
 from ledger.db import to_libpq_url
 from ledger.sealer import run_sealer, seal_all
 from ledger.store import EventStore
-from ledger.verify import Digest, latest_digest, verify_chain
-from tests.harness.ledger import Payment, fund, open_account
+from ledger.verify import Digest, latest_digest, verify_chain, verify_seal_since
+from tests.harness.ledger import (
+    Payment,
+    as_owner,
+    fund,
+    open_account,
+    seal_until_everything_is_sealed,
+)
 from tests.harness.postgres import IsolatedDatabase
 from tests.harness.stack import clean_env, paysaga
 
@@ -46,35 +52,11 @@ async def sealed(store: EventStore, database: IsolatedDatabase) -> dict[str, Pay
     return payments
 
 
-async def seal_until_everything_is_sealed(store: EventStore) -> None:
-    head = (await store.safe_horizon()).head_seq
-    for _ in range(50):
-        await seal_all(store)
-        digest = await latest_digest(store.engine)
-        if digest is not None and digest.last_seq >= head:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"the log up to {head} was not sealed")
-
-
 def _cli(database: IsolatedDatabase, *args: str) -> subprocess.CompletedProcess[str]:
     env = clean_env(DATABASE_URL=database.urls.owner_url)
     if database.urls.app_url:
         env["DATABASE_APP_URL"] = database.urls.app_url
     return paysaga("ledger", *args, env=env)
-
-
-def _as_owner(database: IsolatedDatabase, *statements: tuple[str, tuple[object, ...]]) -> None:
-    """As the owner, with the immutability triggers off: an attacker with the keys."""
-    with psycopg.connect(to_libpq_url(database.urls.owner_url), autocommit=True) as conn:
-        conn.execute("ALTER TABLE events DISABLE TRIGGER USER")
-        conn.execute("ALTER TABLE ledger_blocks DISABLE TRIGGER USER")
-        try:
-            for statement, params in statements:
-                conn.execute(statement, params)
-        finally:
-            conn.execute("ALTER TABLE events ENABLE TRIGGER USER")
-            conn.execute("ALTER TABLE ledger_blocks ENABLE TRIGGER USER")
 
 
 async def test_a_sealed_ledger_verifies_and_its_digest_is_printed(
@@ -99,7 +81,7 @@ async def test_a_removed_stream_is_named(
     """Row 10: every event of a payment that moved no money, and its head, deleted."""
     failed = sealed["failed"]
     seqs = [e.global_seq for e in await store.read_stream(failed.stream_id)]
-    _as_owner(
+    as_owner(
         database,
         ("DELETE FROM events WHERE stream_id = %s", (failed.stream_id,)),
         ("DELETE FROM streams WHERE stream_id = %s", (failed.stream_id,)),
@@ -123,7 +105,7 @@ async def test_the_last_event_of_a_stream_deleted_with_its_head_fixed_up_is_name
     settled = sealed["settled"]
     events = await store.read_stream(settled.stream_id)
     last, before = events[-1], events[-2]
-    _as_owner(
+    as_owner(
         database,
         ("DELETE FROM events WHERE global_seq = %s", (last.global_seq,)),
         (
@@ -145,7 +127,7 @@ async def test_an_event_inserted_into_a_sealed_range_is_named(
     assert block is not None
     free = await _unused_seq_below(database, block.last_seq)
     assert free is not None, "the fixture leaves a rolled-back global_seq in the sealed range"
-    _as_owner(
+    as_owner(
         database,
         (
             "INSERT INTO events (global_seq, stream_id, stream_version, event_id, event_type,"
@@ -178,7 +160,7 @@ async def test_an_event_rewritten_with_its_hashes_recomputed_is_named(
     stream = await store.read_stream(sealed["failed"].stream_id)
     last = stream[-1]
     forged = bytes(32)
-    _as_owner(
+    as_owner(
         database,
         (
             "UPDATE events SET actor = 'mallory', hash = %s WHERE global_seq = %s",
@@ -191,6 +173,52 @@ async def test_an_event_rewritten_with_its_hashes_recomputed_is_named(
     assert f"[rewritten-event] global_seq {last.global_seq}:" in verify.stdout
 
 
+async def test_the_seal_verifies_from_the_last_verified_block(
+    sealed: dict[str, Payment], store: EventStore, database: IsolatedDatabase
+) -> None:
+    """A scheduled check verifies only what was sealed since the last one, trusting the
+    block it reached; tampering after that block is found, before it only by a full walk."""
+    full = await verify_chain(store.engine)
+    first, point = await verify_seal_since(store.engine, None)
+    assert first.ok and full.ok, first.lines()
+    assert point is not None and point == full.seal_point
+    assert first.blocks == full.blocks and first.events == full.events - full.unsealed
+
+    nothing, same = await verify_seal_since(store.engine, point)
+    assert nothing.ok and nothing.events == 0 and same == point
+
+    later = Payment(store, "alice", "bob", 200)
+    await later.settle_fully()
+    await seal_until_everything_is_sealed(store)
+    incremental, reached = await verify_seal_since(store.engine, point)
+    assert incremental.ok, incremental.lines()
+    assert reached is not None and reached.block_no > point.block_no
+    # Only the new blocks' events, each chained to a predecessor sealed before `point`.
+    assert 0 < incremental.events < full.events
+    assert incremental.streams >= 1
+
+    new_event = (await store.read_stream(later.stream_id))[-1]
+    old_event = (await store.read_stream(sealed["failed"].stream_id))[-1]
+    as_owner(
+        database,
+        ("UPDATE events SET actor = 'mallory' WHERE global_seq = %s", (new_event.global_seq,)),
+        ("UPDATE events SET actor = 'mallory' WHERE global_seq = %s", (old_event.global_seq,)),
+    )
+    after_tamper, _ = await verify_seal_since(store.engine, point)
+    assert {v.global_seq for v in after_tamper.violations} == {new_event.global_seq}
+    assert {v.global_seq for v in (await verify_chain(store.engine)).violations} >= {
+        new_event.global_seq,
+        old_event.global_seq,
+    }
+
+    as_owner(
+        database,
+        ("UPDATE ledger_blocks SET hash = %s WHERE block_no = %s", (bytes(32), point.block_no)),
+    )
+    rewritten, _ = await verify_seal_since(store.engine, point)
+    assert f"block {point.block_no} no longer carries the hash" in "\n".join(rewritten.lines())
+
+
 async def test_a_digest_kept_elsewhere_catches_a_rewritten_seal(
     sealed: dict[str, Payment], store: EventStore, database: IsolatedDatabase
 ) -> None:
@@ -199,7 +227,7 @@ async def test_a_digest_kept_elsewhere_catches_a_rewritten_seal(
     digest = await latest_digest(store.engine)
     assert digest is not None
     failed = sealed["failed"]
-    _as_owner(
+    as_owner(
         database,
         ("DELETE FROM events WHERE stream_id = %s", (failed.stream_id,)),
         ("DELETE FROM streams WHERE stream_id = %s", (failed.stream_id,)),

@@ -32,7 +32,7 @@ from recon.formats import parse_statement
 from recon.formats.build import bank_line, build_bai2, build_camt053, build_mt940, statement
 from recon.store import ingest
 from tests.harness.api import Api, make_keys, serve
-from tests.harness.ledger import Payment
+from tests.harness.ledger import Payment, as_owner, seal_until_everything_is_sealed
 from tests.harness.operators import Gate, gated_worker, temporal_cli
 from tests.harness.postgres import IsolatedDatabase
 from tests.harness.read_side import project
@@ -319,6 +319,67 @@ async def test_an_open_payment_whose_workflow_is_gone_is_internal_drift_found_on
     # Close it, so that the ledger the fixture checks has no open payment left behind.
     await stranded.run("released", "voided", "failed")
     assert ReconciliationCompleted.event_type == "ReconciliationCompleted"
+
+
+async def test_each_run_verifies_the_seal_from_the_block_the_last_one_reached(
+    recon: Recon, database: IsolatedDatabase
+) -> None:
+    async def checkpoints() -> list[tuple[int, bool]]:
+        async with await psycopg.AsyncConnection.connect(
+            to_libpq_url(database.urls.owner_url)
+        ) as conn:
+            cursor = await conn.execute(
+                "SELECT block_no, full_run FROM recon.seal_verifications ORDER BY block_no"
+            )
+            return [(int(row[0]), bool(row[1])) for row in await cursor.fetchall()]
+
+    async def run(*, full: bool = False) -> Any:
+        return await (
+            await start_run(recon.client, recon.settings, kind="manual", full=full)
+        ).result()
+
+    await Payment(recon.store, "alice", "bob", 100).settle_fully()
+    await seal_until_everything_is_sealed(recon.store)
+    await run(full=True)
+    (full_block, was_full), *_ = reversed(await checkpoints())
+    assert was_full
+
+    later = Payment(recon.store, "alice", "bob", 200)
+    await later.settle_fully()
+    await seal_until_everything_is_sealed(recon.store)
+    assert (await run()).counts["internal_drift"] == 0
+    reached, was_full = (await checkpoints())[-1]
+    assert reached > full_block and not was_full
+
+    # An event sealed after the last verified block, changed: the next run finds it.
+    newest = Payment(recon.store, "alice", "bob", 300)
+    await newest.settle_fully()
+    await seal_until_everything_is_sealed(recon.store)
+    victim = (await recon.store.read_stream(newest.stream_id))[-1]
+    as_owner(
+        database,
+        ("UPDATE events SET actor = 'mallory' WHERE global_seq = %s", (victim.global_seq,)),
+    )
+    try:
+        found = await run()
+        assert found.counts["internal_drift"] >= 1, found
+        drift = [
+            e.payload["description"]
+            for e in await recon.events("DiscrepancyDetected")
+            if e.payload["discrepancy_type"] == "internal_drift"
+        ]
+        assert any("ledger seal, hash-mismatch" in d and victim.stream_id in d for d in drift), (
+            drift
+        )
+        assert (await checkpoints())[-1][0] == reached, "a failed verification moves nothing"
+    finally:
+        as_owner(
+            database,
+            (
+                "UPDATE events SET actor = %s WHERE global_seq = %s",
+                (victim.actor, victim.global_seq),
+            ),
+        )
 
 
 def test_the_inbox_lives_in_the_data_directory(settings: Settings, tmp_path: Path) -> None:

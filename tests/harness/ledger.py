@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+import psycopg
+
+from ledger.db import to_libpq_url
 from ledger.events import (
     AccountOpened,
     AuthorizationVoided,
@@ -20,7 +24,10 @@ from ledger.events import (
     event_id_for,
     payment_stream,
 )
+from ledger.sealer import seal_all
 from ledger.store import AppendResult, EventStore, NewEvent
+from ledger.verify import latest_digest
+from tests.harness.postgres import IsolatedDatabase
 
 ACTOR = "test"
 
@@ -175,3 +182,27 @@ async def fund(
             store, source, currency=currency, kind="external", overdraft_limit_minor=None
         )
     await Payment(store, source, account, amount_minor, currency).settle_fully()
+
+
+async def seal_until_everything_is_sealed(store: EventStore) -> None:
+    head = (await store.safe_horizon()).head_seq
+    for _ in range(50):
+        await seal_all(store)
+        digest = await latest_digest(store.engine)
+        if digest is not None and digest.last_seq >= head:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"the log up to {head} was not sealed")
+
+
+def as_owner(database: IsolatedDatabase, *statements: tuple[str, tuple[object, ...]]) -> None:
+    """As the owner, with the immutability triggers off: an attacker with the keys."""
+    with psycopg.connect(to_libpq_url(database.urls.owner_url), autocommit=True) as conn:
+        conn.execute("ALTER TABLE events DISABLE TRIGGER USER")
+        conn.execute("ALTER TABLE ledger_blocks DISABLE TRIGGER USER")
+        try:
+            for statement, params in statements:
+                conn.execute(statement, params)
+        finally:
+            conn.execute("ALTER TABLE events ENABLE TRIGGER USER")
+            conn.execute("ALTER TABLE ledger_blocks ENABLE TRIGGER USER")
