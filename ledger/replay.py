@@ -19,6 +19,8 @@ batch is its own transaction).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,8 +29,9 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
-from ledger.projections.base import LIVE_SCHEMA, SHADOW_SCHEMA, Projection
+from ledger.projections.base import LIVE_SCHEMA, SHADOW_SCHEMA, Apply, Bulk, Projection
 from ledger.projector import Batch, apply_batch, catch_up
 
 REPLAY_BATCH_EVENTS_MAX = 50_000
@@ -36,6 +39,12 @@ REPLAY_BATCH_EVENTS_MAX = 50_000
 # (totals kept aside) is paid once per batch, not per event (measured on the statement,
 # PostgreSQL 15, a million events: 11.0 s and 11.5 s against 12.1 s twice at 50,000).
 REPLAY_BULK_BATCH_EVENTS_MAX = 200_000
+# A build in bulk runs this many parts of the accounts side by side, each on a connection
+# (a server process) of its own: one per core, up to four. Each part reads every event of
+# a batch and keeps its own accounts' rows, so the reading is paid once per part and the
+# rest is shared out (PostgreSQL 15, 2 cores, a million events, the statement's batches
+# alone: 6.9 s in two parts against 10.0 s in one, on an otherwise idle machine).
+REPLAY_BULK_PARTS = max(1, min(os.cpu_count() or 1, 4))
 HORIZON_CALLS_MAX = 40
 REPLAY_SETTINGS = {
     # A replay's batches sort and hash tens of thousands of rows: in memory, not on
@@ -138,8 +147,7 @@ async def _prepare(
     """The tables and checkpoint of `projection` in `schema`, made LIKE the live ones;
     the checkpoint to resume from (0 for a fresh build). A fresh build of a model that
     builds in bulk gets its tables without indexes (`Bulk`)."""
-    for name, value in REPLAY_SETTINGS.items():
-        await conn.execute(sql.SQL("SET {} = {}").format(sql.Identifier(name), sql.Literal(value)))
+    await _replay_settings(conn)
     async with conn.transaction():
         await conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
         await conn.execute(_like_live(schema, "checkpoints", indexes=True, if_not_exists=True))
@@ -172,6 +180,11 @@ async def _prepare(
             (projection.name,),
         )
         return 0
+
+
+async def _replay_settings(conn: psycopg.AsyncConnection[Any]) -> None:
+    for name, value in REPLAY_SETTINGS.items():
+        await conn.execute(sql.SQL("SET {} = {}").format(sql.Identifier(name), sql.Literal(value)))
 
 
 def _like_live(
@@ -209,19 +222,40 @@ async def _build(
     finishes on the way (its indexes built, its fix-ups applied); its batches hold
     `events_max` events, or REPLAY_BULK_BATCH_EVENTS_MAX if none is given."""
     bulk = projection.bulk
-    in_bulk = bulk is not None and await _table_exists(conn, schema, bulk.marker)
-    await catch_up(
-        conn,
-        projection,
-        until=until,
-        events_max=events_max
-        or (REPLAY_BULK_BATCH_EVENTS_MAX if in_bulk else REPLAY_BATCH_EVENTS_MAX),
-        schema=schema,
-        on_batch=on_batch,
-        apply=bulk.apply if bulk is not None and in_bulk else None,
-    )
-    if bulk is not None and in_bulk:
+    if bulk is None or not await _table_exists(conn, schema, bulk.marker):
+        await catch_up(
+            conn,
+            projection,
+            until=until,
+            events_max=events_max or REPLAY_BATCH_EVENTS_MAX,
+            schema=schema,
+            on_batch=on_batch,
+        )
+    else:
+        parts = await _build_parts(
+            conn,
+            projection,
+            bulk,
+            schema,
+            until,
+            events_max or REPLAY_BULK_BATCH_EVENTS_MAX,
+            on_batch,
+        )
         async with conn.transaction():
+            await conn.execute(
+                sql.SQL(
+                    "UPDATE {s}.checkpoints SET last_seq = %s, updated_at = clock_timestamp(), "
+                    "events_applied = events_applied + (SELECT max(events_applied) "
+                    "FROM {s}.checkpoints WHERE projection = ANY(%s)) WHERE projection = %s"
+                ).format(s=sql.Identifier(schema)),
+                (until, parts, projection.name),
+            )
+            await conn.execute(
+                sql.SQL("DELETE FROM {}.checkpoints WHERE projection = ANY(%s)").format(
+                    sql.Identifier(schema)
+                ),
+                (parts,),
+            )
             for table in projection.tables:
                 await _index_like_live(conn, schema, table)
             await bulk.finish(conn, schema)
@@ -237,6 +271,86 @@ async def _build(
         (projection.name,),
     )
     return int(value)
+
+
+def _part_name(projection: Projection, part: int, parts: int) -> str:
+    return f"{projection.name}/part-{part + 1}-of-{parts}"
+
+
+async def _build_parts(
+    conn: psycopg.AsyncConnection[Any],
+    projection: Projection,
+    bulk: Bulk,
+    schema: str,
+    until: int,
+    events_max: int,
+    on_batch: OnBatch | None,
+) -> list[str]:
+    """Bring every part of a bulk build to `until`, side by side; the parts' checkpoint
+    names. A resumed build keeps the parts it started with, each from its checkpoint
+    (`on_batch` follows the first part, which sees every event of every batch)."""
+    names = sql.Identifier(schema)
+    cursor = await conn.execute(
+        sql.SQL("SELECT projection FROM {}.checkpoints WHERE projection LIKE %s").format(names),
+        (f"{projection.name}/part-%",),
+    )
+    started = [row[0] for row in await cursor.fetchall()]
+    parts = int(started[0].rsplit("-of-", 1)[1]) if started else REPLAY_BULK_PARTS
+    part_names = [_part_name(projection, k, parts) for k in range(parts)]
+    await conn.execute(
+        sql.SQL(
+            "INSERT INTO {s}.checkpoints (projection, last_seq) "
+            "SELECT p, c.last_seq FROM {s}.checkpoints c, unnest(%s::text[]) AS p "
+            "WHERE c.projection = %s ON CONFLICT (projection) DO NOTHING"
+        ).format(s=names),
+        (part_names, projection.name),
+    )
+    conninfo = make_conninfo(conn.info.dsn, password=conn.info.password or None)
+
+    def part_apply(part: int) -> Apply:
+        async def apply(c: psycopg.AsyncConnection[Any], s: str, after: int, upto: int) -> None:
+            await bulk.apply(c, s, after, upto, part, parts)
+
+        return apply
+
+    async def run_part(part: int) -> None:
+        own = part > 0
+        part_conn = (
+            await psycopg.AsyncConnection.connect(conninfo, autocommit=True) if own else conn
+        )
+        try:
+            if own:
+                await _replay_settings(part_conn)
+            await catch_up(
+                part_conn,
+                dataclasses.replace(projection, name=part_names[part]),
+                until=until,
+                events_max=events_max,
+                schema=schema,
+                on_batch=on_batch if part == 0 else None,
+                apply=part_apply(part),
+            )
+        finally:
+            if own:
+                await part_conn.close()
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for part in range(parts):
+                group.create_task(run_part(part))
+    except BaseExceptionGroup as failed:
+        # The first part to fail stopped the others: its error is the build's.
+        raise failed.exceptions[0] from None
+    cursor = await conn.execute(
+        sql.SQL("SELECT min(last_seq) FROM {}.checkpoints WHERE projection = ANY(%s)").format(
+            names
+        ),
+        (part_names,),
+    )
+    reached = (await cursor.fetchone() or [None])[0]
+    if reached is None or int(reached) < until:
+        raise ReplayError(f"the parts of {projection.name} did not reach global_seq {until}")
+    return part_names
 
 
 # The live table's indexes: those behind a constraint (the primary key, UNIQUE), and the

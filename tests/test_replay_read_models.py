@@ -17,7 +17,7 @@ from ledger.projections import READ_MODELS
 from ledger.projections.check import differences, read_table
 from ledger.projections.fold import ReadModelFold
 from ledger.projector import Batch
-from ledger.replay import materialise, plan_materialise, rebuild
+from ledger.replay import REPLAY_BULK_PARTS, materialise, plan_materialise, rebuild
 from ledger.store import EventStore
 from ledger.verify import check_ledger
 from tests.harness.ledger import Payment
@@ -126,6 +126,18 @@ async def test_an_interrupted_rebuild_resumes_where_it_stopped_with_the_same_tab
 
             with pytest.raises(Interrupted):
                 await rebuild(owner, projection, events_max=9, on_batch=interrupt)
+            if projection.bulk is not None:
+                # A build in bulk runs in parts, side by side, each with its checkpoint.
+                cursor = await owner.execute(
+                    "SELECT projection FROM projection_shadow.checkpoints "
+                    "WHERE projection LIKE %s ORDER BY 1",
+                    (f"{projection.name}/part-%",),
+                )
+                parts = [row[0] for row in await cursor.fetchall()]
+                assert parts == [
+                    f"{projection.name}/part-{k}-of-{REPLAY_BULK_PARTS}"
+                    for k in range(1, REPLAY_BULK_PARTS + 1)
+                ]
             resumed: list[Batch] = []
             await rebuild(owner, projection, events_max=9, on_batch=resumed.append)
             assert resumed[0].after == batches[-1].upto, "the rebuild started over"

@@ -18,6 +18,9 @@ from psycopg import sql
 
 # A projection's apply step: (connection, schema, after, upto).
 Apply = Callable[[psycopg.AsyncConnection[Any], str, int, int], Awaitable[None]]
+# A bulk build's apply step for one part of the accounts: (connection, schema, after,
+# upto, part, parts); the parts are disjoint and together make all the accounts.
+PartApply = Callable[[psycopg.AsyncConnection[Any], str, int, int, int, int], Awaitable[None]]
 # A step on a projection's tables in one schema: (connection, schema).
 Step = Callable[[psycopg.AsyncConnection[Any], str], Awaitable[None]]
 
@@ -34,11 +37,14 @@ class Bulk:
     batch with `apply` (with the checkpoint, as `Projection.apply`), then, in one
     transaction, builds the indexes as the live tables have them and calls `finish`.
     While `marker` (a table of the model's schema) exists, the build is in bulk: an
-    interrupted one resumes in bulk."""
+    interrupted one resumes in bulk.
+
+    `apply` takes one part of the accounts: the replay runs the parts side by side, on
+    connections of their own, each with its own checkpoint (see ledger/replay.py)."""
 
     marker: str
     begin: Step
-    apply: Apply
+    apply: PartApply
     finish: Step
 
 

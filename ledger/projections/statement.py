@@ -135,10 +135,16 @@ CREATE TABLE {s}.entries_bulk_tails (
 CREATE TABLE {s}.entries_bulk_late (account_id text NOT NULL, first_at timestamptz NOT NULL);
 """
 
+# A part of the accounts, by a hash of the account id: each account's rows are built by
+# one part, so the parts never touch the same totals or rows.
 _BULK_APPEND = (
     "WITH "
     + MOVES_CTE
     + """,
+mine AS (
+    SELECT * FROM moves m
+     WHERE (hashtext(m.account_id) & 2147483647) %% %(parts)s = %(part)s
+),
 numbered AS (
     SELECT m.account_id, m.global_seq, m.recorded_at, m.event_type, m.payment_id,
            m.dp, m.dpo, m.cp, m.cpo,
@@ -147,7 +153,7 @@ numbered AS (
            projection.sum_bigint(m.cp) OVER by_seq AS c_cp,
            projection.sum_bigint(m.cpo) OVER by_seq AS c_cpo,
            m.recorded_at < lag(m.recorded_at) OVER by_seq AS late
-      FROM moves m
+      FROM mine m
     WINDOW by_seq AS (PARTITION BY m.account_id ORDER BY m.global_seq)
 ),
 batch AS (
@@ -155,7 +161,7 @@ batch AS (
            projection.sum_bigint(m.dp) AS dp, projection.sum_bigint(m.dpo) AS dpo,
            projection.sum_bigint(m.cp) AS cp, projection.sum_bigint(m.cpo) AS cpo,
            min(m.recorded_at) AS first_at, max(m.recorded_at) AS last_at
-      FROM moves m GROUP BY m.account_id
+      FROM mine m GROUP BY m.account_id
 ),
 appended AS (
     INSERT INTO {s}.entries (
@@ -215,9 +221,11 @@ async def _bulk_begin(conn: psycopg.AsyncConnection[Any], schema: str) -> None:
 
 
 async def _bulk_apply(
-    conn: psycopg.AsyncConnection[Any], schema: str, after: int, upto: int
+    conn: psycopg.AsyncConnection[Any], schema: str, after: int, upto: int, part: int, parts: int
 ) -> None:
-    await conn.execute(statement(_BULK_APPEND, schema), range_params(after, upto))
+    await conn.execute(
+        statement(_BULK_APPEND, schema), {**range_params(after, upto), "part": part, "parts": parts}
+    )
 
 
 async def _bulk_finish(conn: psycopg.AsyncConnection[Any], schema: str) -> None:
