@@ -18,7 +18,7 @@ from temporalio.common import (
     WorkflowIDConflictPolicy,
     WorkflowIDReusePolicy,
 )
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from ledger.events import ReconciliationKind
@@ -100,20 +100,26 @@ async def open_case(
     client: Client, task_queue: str, case: DiscrepancyCase
 ) -> WorkflowHandle[DiscrepancyWorkflow, DiscrepancyOutcome]:
     """The discrepancy's workflow, if it is not running: one that completed (resolved)
-    is never started again; one that was terminated, cancelled or failed is."""
-    return await client.start_workflow(
-        DiscrepancyWorkflow.run,
-        case,
-        id=discrepancy_workflow_id(case.discrepancy_id),
-        task_queue=task_queue,
-        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
-        search_attributes=TypedSearchAttributes(
-            [SearchAttributePair(DISCREPANCY_TYPE, case.discrepancy_type)]
-        ),
-        static_summary=case.summary,
-        static_details=f"Found by reconciliation run {case.run_id}",
-    )
+    is never started again (its handle comes back); one that was terminated, cancelled
+    or failed is."""
+    workflow_id = discrepancy_workflow_id(case.discrepancy_id)
+    try:
+        return await client.start_workflow(
+            DiscrepancyWorkflow.run,
+            case,
+            id=workflow_id,
+            task_queue=task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
+            search_attributes=TypedSearchAttributes(
+                [SearchAttributePair(DISCREPANCY_TYPE, case.discrepancy_type)]
+            ),
+            static_summary=case.summary,
+            static_details=f"Found by reconciliation run {case.run_id}",
+        )
+    except WorkflowAlreadyStartedError:
+        # Its workflow completed: the discrepancy was resolved, and stays so.
+        return client.get_workflow_handle_for(DiscrepancyWorkflow.run, workflow_id)
 
 
 async def resolve_case(
