@@ -113,11 +113,7 @@ class ReconciliationActivities:
             for path in inbox_files(inbox)[:INBOX_FILES_PER_RUN_MAX]:
                 _heartbeat(path.name)
                 try:
-                    if path.stat().st_size > INBOX_FILE_BYTES_MAX:
-                        raise StatementError(
-                            f"the file is larger than {INBOX_FILE_BYTES_MAX} bytes"
-                        )
-                    parsed = parse_statement(path.read_bytes(), path.name)
+                    parsed = parse_statement(_read_capped(path), path.name)
                     result = await ingest(conn, parsed, source="inbox", filename=path.name)
                 except (StatementError, ValueError) as error:
                     refused_count += 1
@@ -392,13 +388,35 @@ def _is_payment_id(value: str | None) -> bool:
     return value is not None and PAYMENT_ID.match(value) is not None
 
 
+def _read_capped(path: Path) -> bytes:
+    """The file's bytes; a file over INBOX_FILE_BYTES_MAX is refused unread, and no more
+    than that is ever read, even from a file that grows meanwhile."""
+    too_large = StatementError(f"the file is larger than {INBOX_FILE_BYTES_MAX} bytes")
+    if path.stat().st_size > INBOX_FILE_BYTES_MAX:
+        raise too_large
+    with path.open("rb") as file:
+        content = file.read(INBOX_FILE_BYTES_MAX + 1)
+    if len(content) > INBOX_FILE_BYTES_MAX:
+        raise too_large
+    return content
+
+
+def _distinct_suffix(path: Path) -> str:
+    """Eight hex digits that tell two files of one name apart: from the content, read in
+    chunks, when it is within INBOX_FILE_BYTES_MAX; from its size and time when it was
+    refused for its size, so that a huge file is never read."""
+    stat = path.stat()
+    if stat.st_size > INBOX_FILE_BYTES_MAX:
+        return hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:8]
+    with path.open("rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()[:8]
+
+
 def _move(path: Path, folder: Path, *, reason: str | None = None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / path.name
     if target.exists():
-        target = (
-            folder / f"{path.stem}-{hashlib.sha256(path.read_bytes()).hexdigest()[:8]}{path.suffix}"
-        )
+        target = folder / f"{path.stem}-{_distinct_suffix(path)}{path.suffix}"
     shutil.move(str(path), target)
     if reason is not None:
         target.with_name(target.name + ".error.txt").write_text(reason + "\n", encoding="utf-8")

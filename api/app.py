@@ -14,7 +14,7 @@ from fastapi import FastAPI, Request, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from temporalio.client import Client
 
-from api import problems
+from api import openapi_links, problems
 from api.metrics import ApiMetrics, MetricsServer
 from api.routers import accounts, events, health, payments, reconciliation, risk
 from api.routers.reconciliation import STATEMENT_BYTES_MAX
@@ -177,4 +177,5 @@ def create_app(
     app.include_router(events.router)
     app.include_router(risk.router)
     app.include_router(reconciliation.router)
+    openapi_links.install(app)
     return app

@@ -25,7 +25,7 @@ import re
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal, cast
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from temporalio.client import (
     Client,
     RPCTimeoutOrCancelledError,
@@ -46,6 +46,7 @@ from api.deps import (
     SettingsDep,
     StoreDep,
     TemporalDep,
+    get_temporal,
 )
 from api.idempotency import REPLAYED_HEADER, IdempotencyStore, derived_id, request_hash, require_key
 from api.keys import ApiKey
@@ -168,6 +169,9 @@ async def read_payment(store: EventStore, client: Client | None, payment_id: str
     ledger_view = _from_events(events) if events else None
     if ledger_view is not None and ledger_view.status in TERMINAL_STATUSES:
         return ledger_view
+    # Temporal could not say whether the workflow exists: with nothing in the ledger
+    # either, that is no proof the payment does not exist.
+    live_state_unavailable = False
     if client is not None:
         try:
             state = await asyncio.wait_for(
@@ -186,13 +190,24 @@ async def read_payment(store: EventStore, client: Client | None, payment_id: str
         except RPCError as error:
             if error.status == RPCStatusCode.NOT_FOUND and ledger_view is not None:
                 return _gone(ledger_view, "NOT_FOUND")
+            live_state_unavailable = error.status != RPCStatusCode.NOT_FOUND
             log.info(
                 "live state unavailable, answering from the ledger", extra={"error": str(error)}
             )
         except (TimeoutError, WorkflowFailureError) as error:
+            live_state_unavailable = True
             log.info(
                 "live state unavailable, answering from the ledger", extra={"error": str(error)}
             )
+    if ledger_view is None and live_state_unavailable:
+        # A payment just accepted whose worker is down or slow: never a 404, which would
+        # tell its client that the payment does not exist (and invite a second one).
+        raise ProblemError(
+            503,
+            "payment_state_unavailable",
+            "the payment's state cannot be read right now; retry shortly",
+            headers={"Retry-After": "1"},
+        )
     if ledger_view is None:
         raise ProblemError(404, "payment_not_found", f"no payment {payment_id!r}")
     return ledger_view
@@ -433,13 +448,30 @@ def event_out(event: RecordedEvent) -> EventOut:
 
 
 @router.get("/{payment_id}/events", response_model=PaymentEvents)
-async def payment_events(payment_id: str, store: StoreDep, key: PaymentsReadKey) -> PaymentEvents:
-    """The payment's audit trail: its ledger events in order, with their hashes."""
+async def payment_events(
+    payment_id: str, request: Request, store: StoreDep, key: PaymentsReadKey
+) -> PaymentEvents:
+    """The payment's audit trail: its ledger events in order, with their hashes. A
+    payment just accepted (202) whose workflow has not recorded it yet has none so far."""
     _check_payment_id(payment_id)
     events = await store.read_stream(payment_stream(payment_id))
-    if not events:
+    if not events and not await _workflow_exists(request, payment_id):
         raise ProblemError(404, "payment_not_found", f"no payment {payment_id!r}")
     return PaymentEvents(payment_id=payment_id, events=[event_out(e) for e in events])
+
+
+async def _workflow_exists(request: Request, payment_id: str) -> bool:
+    """Whether the payment's workflow was started. Asked only when the ledger has none of
+    its events, so that the audit trail never waits for Temporal otherwise; a Temporal
+    that cannot answer counts as no."""
+    try:
+        client = await get_temporal(request)
+        await client.get_workflow_handle(workflow_id_for(payment_id)).describe(
+            rpc_timeout=timedelta(seconds=QUERY_TIMEOUT_S)
+        )
+    except (ProblemError, RPCError):
+        return False
+    return True
 
 
 async def _update(

@@ -19,24 +19,30 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
 import psycopg
-from fastapi import APIRouter, File, Path, Query, Response, UploadFile
+from fastapi import APIRouter, File, Path, Query, Request, Response, UploadFile
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, Field
-from temporalio.client import WorkflowUpdateFailedError
+from temporalio.client import WorkflowExecutionStatus, WorkflowUpdateFailedError
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
-from api.deps import OpsKey, SettingsDep, TemporalDep
+from api.deps import OpsKey, SettingsDep, TemporalDep, get_temporal
 from api.problems import COMMON_RESPONSES, ProblemError
 from api.report import DayCount, ReportDiscrepancy, ReportRun, render_report
 from ledger.db import to_libpq_url
 from ledger.events import Actor, DiscrepancyType, Reason, Resolution
 from paysaga.db import service_urls
-from paysaga.reconciliation import open_case, resolve_case, start_run, statement_arrived
+from paysaga.reconciliation import (
+    open_case,
+    resolve_case,
+    run_workflow_id,
+    start_run,
+    statement_arrived,
+)
 from paysaga.settings import Settings
 from recon import cases
 from recon.formats import StatementError, parse_statement
@@ -55,6 +61,8 @@ RUN_DISCREPANCIES_SHOWN_MAX = 500
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
 DISCREPANCY_CURSOR_TAG = "d:"
 CURSOR_CHARS_MAX = 120
+# Asking Temporal whether a run not yet recorded has started.
+RUN_DESCRIBE_TIMEOUT_S = 5.0
 # Operators resolve with these; `posted_capture` and `matched_later` are reconciliation's.
 OperatorResolution = Literal[
     "accepted", "corrected_at_source", "written_off", "duplicate_ignored", "false_positive"
@@ -229,12 +237,33 @@ async def _run(settings: Settings, run_id: str) -> tuple[cases.RunRow, list[case
 
 @router.get("/v1/reconciliations/{run_id}", response_model=RunOut)
 async def get_reconciliation(
+    request: Request,
     settings: SettingsDep,
     key: OpsKey,
     run_id: Annotated[str, Path(pattern=RUN_ID_PATTERN)],
 ) -> RunOut:
-    """A run: its status, its counts and the discrepancies it found."""
-    run, found = await _run(settings, run_id)
+    """A run: its status, its counts and the discrepancies it found. A run just started
+    (202) that has not recorded itself yet is `running`, with nothing counted."""
+    try:
+        run, found = await _run(settings, run_id)
+    except ProblemError:
+        started = await _run_workflow(request, run_id)
+        if started is None:
+            raise
+        status, started_at = started
+        if status != WorkflowExecutionStatus.RUNNING:
+            # It ended since it was looked for: recorded by now, if it ever was.
+            run, found = await _run(settings, run_id)
+        else:
+            run = cases.RunRow(
+                run_id=run_id,
+                kind=run_id.split("-", 1)[0],
+                status="running",
+                started_at=started_at,
+                finished_at=None,
+                counts={},
+            )
+            found = []
     return RunOut(
         id=run.run_id,
         kind=run.kind,
@@ -245,6 +274,21 @@ async def get_reconciliation(
         discrepancies=[_discrepancy_out(row) for row in found],
         report_url=f"/v1/reconciliations/{run.run_id}/report",
     )
+
+
+async def _run_workflow(
+    request: Request, run_id: str
+) -> tuple[WorkflowExecutionStatus | None, datetime] | None:
+    """The run's workflow's status and start, if it was started. Temporal is asked only
+    for a run not recorded yet, and a Temporal that cannot answer counts as no."""
+    try:
+        temporal = await get_temporal(request)
+        described = await temporal.get_workflow_handle(run_workflow_id(run_id)).describe(
+            rpc_timeout=timedelta(seconds=RUN_DESCRIBE_TIMEOUT_S)
+        )
+    except (ProblemError, RPCError):
+        return None
+    return described.status, described.start_time
 
 
 def _side(amount_minor: int | None, currency: str | None) -> str:
