@@ -16,6 +16,14 @@ saga would have posted, derived from the workflow's input as Temporal recorded i
 and never releases or voids it. If Temporal no longer knows the workflow, the
 settlement cannot be derived: the payment is left open, named in the sweep's report,
 and reconciliation reports the capture the ledger never posted.
+
+A workflow can also close before its first step, so that the ledger never heard of a
+payment the API acknowledged (an operator terminated it at once, say). Each sweep also
+lists the payment workflows on its task queue that closed without completing
+(terminated, cancelled, failed, timed out) within `UNRECORDED_LOOKBACK`, and records
+and closes those the ledger does not know, from the request Temporal kept as the
+workflow's input: PaymentInitiated, the processor fenced off (any late authorization is
+declined), PaymentFailed.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from activities.ledger import LedgerActivities, close_payment
 from activities.processor import Authorizer
 from ledger.events import payment_stream
+from ledger.state_machine import TERMINAL_STATES
 from ledger.store import OpenPayment
 from workflows.models import (
     Close,
@@ -55,6 +64,10 @@ DESCRIBE_TIMEOUT = timedelta(seconds=10)
 # void); three rounds and a spare are enough unless something races the repair, which
 # the next sweep finishes.
 REPAIR_ROUNDS_MAX = 4
+# How far back a sweep looks for payment workflows that closed before the ledger
+# recorded their payment (a sweep runs every minute; a day covers a long outage).
+UNRECORDED_LOOKBACK = timedelta(days=1)
+UNRECORDED_STATUSES = ("Terminated", "Canceled", "Failed", "TimedOut")
 
 
 class SettlementUnknown(Exception):
@@ -78,7 +91,9 @@ class SweeperActivities:
         for payment in candidates:
             _heartbeat(payment.payment_id)
             gone = await self.workflow_gone(payment.payment_id)
-            if gone is None:
+            if gone is None or await self._closed_meanwhile(payment.payment_id):
+                # Running, or its own workflow closed it after the listing above (it was
+                # open then, and its workflow has completed since): nothing to repair.
                 continue
             cause = _with_hold(payment, gone)
             try:
@@ -101,14 +116,75 @@ class SweeperActivities:
             repaired.append(
                 Repair(payment_id=payment.payment_id, cause=cause, status=closed.status)
             )
-        return SweepReport(checked=len(candidates), repaired=repaired)
+        unrecorded = await self._repair_unrecorded(request.payments_max)
+        return SweepReport(
+            checked=len(candidates) + len(unrecorded), repaired=[*repaired, *unrecorded]
+        )
 
-    async def repair(self, payment_id: str, cause: str) -> Closed:
+    async def _repair_unrecorded(self, limit: int) -> list[Repair]:
+        """Record and close the payments whose workflow closed before the ledger heard of
+        them (the sweep's own task queue only)."""
+        if not activity.in_activity():
+            return []
+        repaired = []
+        for payment_id in await self.unrecorded_payments(activity.info().task_queue, limit):
+            _heartbeat(payment_id)
+            # The latest run decides: a reset may be running the payment again.
+            gone = await self.workflow_gone(payment_id)
+            if gone is None:
+                continue
+            request = await self._payment_request(payment_id)
+            if request is None:
+                continue
+            cause = f"{gone}, before the ledger recorded the payment"
+            closed = await self.repair(payment_id, cause, initiate=request)
+            log.warning(
+                "recorded and closed a payment whose workflow ended before its first step",
+                extra={"payment_id": payment_id, "cause": cause, "status": closed.status},
+            )
+            repaired.append(Repair(payment_id=payment_id, cause=cause, status=closed.status))
+        return repaired
+
+    async def unrecorded_payments(self, task_queue: str, limit: int) -> list[str]:
+        """Payments on `task_queue` whose workflow closed without completing within
+        UNRECORDED_LOOKBACK, and that the ledger has no stream for."""
+        since = (datetime.now(UTC) - UNRECORDED_LOOKBACK).strftime("%Y-%m-%dT%H:%M:%SZ")
+        statuses = " OR ".join(f"ExecutionStatus = '{status}'" for status in UNRECORDED_STATUSES)
+        query = (
+            f"WorkflowType = 'PaymentWorkflow' AND TaskQueue = '{_quoted(task_queue)}' "
+            f"AND ({statuses}) AND CloseTime > '{since}'"
+        )
+        found: list[str] = []
+        seen: set[str] = set()
+        async for execution in self.client.list_workflows(
+            query, limit=limit, rpc_timeout=DESCRIBE_TIMEOUT
+        ):
+            payment_id = execution.id.removeprefix("payment-")
+            if payment_id in seen:
+                continue
+            seen.add(payment_id)
+            if await self.ledger.store.stream_head(payment_stream(payment_id)) is None:
+                found.append(payment_id)
+        return found
+
+    async def _closed_meanwhile(self, payment_id: str) -> bool:
+        head = await self.ledger.store.stream_head(payment_stream(payment_id))
+        return head is not None and head.state in TERMINAL_STATES
+
+    async def repair(
+        self, payment_id: str, cause: str, *, initiate: PaymentRequest | None = None
+    ) -> Closed:
         """Close a payment from the ledger's facts: settle it if the processor captured
         it, else fence off its capture, compensate, and void at the processor once the
-        ledger says the payment can no longer settle."""
+        ledger says the payment can no longer settle. With `initiate`, a payment the
+        ledger does not know is recorded first."""
         close = Close(
-            payment_id=payment_id, status="FAILED", step="repair", reason=cause, actor=SWEEPER_ACTOR
+            payment_id=payment_id,
+            status="FAILED",
+            step="repair",
+            reason=cause,
+            actor=SWEEPER_ACTOR,
+            initiate=initiate,
         )
         for _ in range(REPAIR_ROUNDS_MAX):
             closed = await close_payment(self.ledger, close)
@@ -235,6 +311,11 @@ class SweeperActivities:
 
     def all(self) -> list[object]:
         return [self.sweep]
+
+
+def _quoted(value: str) -> str:
+    """A string for a visibility query's single quotes."""
+    return value.replace("\\", "\\\\").replace("'", "\\'")
 
 
 def _with_hold(payment: OpenPayment, cause: str) -> str:

@@ -194,6 +194,78 @@ async def test_an_open_payment_unknown_to_temporal_is_repaired(
     assert (await bank.get_position("alice")).debits_pending == 0
 
 
+async def test_a_payment_terminated_before_its_first_step_is_recorded_and_closed(
+    temporal_client: Client, bank: EventStore, settings: Settings, task_queue: str
+) -> None:
+    """Found by the chaos run: the API acknowledged a payment (202), an operator
+    terminated its workflow before it recorded anything, and the payment was lost: no
+    stream in the ledger, so the sweeper never saw it, and GET answered 404 for good."""
+    from tests.harness.saga import Payments
+
+    # No worker yet: the workflow cannot take its first step before it is terminated.
+    handle = await Payments(temporal_client, bank, task_queue).start("alice", "bob", 2_000)
+    payment_id = handle.id.removeprefix("payment-")
+    temporal_cli(
+        temporal_client,
+        "workflow",
+        "terminate",
+        "--workflow-id",
+        handle.id,
+        "--reason",
+        "pulled at once",
+    )
+    repaired: list[str] = []
+    async with gated_worker(temporal_client, bank, settings, task_queue, Gate("none")) as payments:
+        assert await payments.event_types(payment_id) == []
+
+        async def swept() -> bool:
+            repaired.extend(
+                r.payment_id for r in (await sweep(temporal_client, task_queue)).repaired
+            )
+            return bool(repaired)
+
+        # Visibility (which the sweep lists) may trail the termination by a moment.
+        await wait_for(swept, timeout_s=10, what="a sweep that repairs the payment")
+        assert repaired == [payment_id]
+        assert (await sweep(temporal_client, task_queue)).repaired == []
+        assert await payments.event_types(payment_id) == ["PaymentInitiated", "PaymentFailed"]
+        failed = (await bank.read_stream(f"payment-{payment_id}"))[-1]
+        assert "pulled at once" in failed.payload["reason"]
+        assert "before the ledger recorded the payment" in failed.payload["reason"]
+        # A late authorization of it would be declined.
+        assert await payments.authorization_status(payment_id) == "fenced"
+    assert (await bank.get_position("alice")).debits_pending == 0
+
+
+async def test_a_payment_its_own_workflow_closed_after_the_listing_is_not_repaired(
+    temporal_client: Client, bank: EventStore
+) -> None:
+    """Found by the chaos run: a sweep lists the open payments, then asks Temporal about
+    each; a payment whose workflow completed in between (closing it in the ledger) was
+    reported as repaired ("its workflow ended (COMPLETED) with the payment open"),
+    though the ledger had closed it and the sweep appended nothing."""
+    from activities.ledger import LedgerActivities
+    from activities.processor import SimulatedProcessor
+    from activities.sweeper import SweeperActivities
+    from tests.harness.ledger import Payment
+    from workflows.models import SweepRequest
+
+    payment = Payment(bank, "alice", "bob", 2_000)
+    await payment.run("initiated", "authorized", "reserved")
+
+    class LateLook(SweeperActivities):
+        async def workflow_gone(self, payment_id: str) -> str | None:
+            await payment.run("settled")  # the saga finishes while the sweep looks
+            return "its workflow ended (COMPLETED) with the payment open"
+
+    ledger = LedgerActivities(bank)
+    sweeper = LateLook(ledger, SimulatedProcessor(bank.engine), temporal_client)
+    report = await sweeper.sweep(SweepRequest(idle_s=0))
+    assert (report.checked, report.repaired) == (1, [])
+    types = [e.event_type for e in await bank.read_stream(payment.stream_id)]
+    assert types == ["PaymentInitiated", "PaymentAuthorized", "FundsReserved", "PaymentSettled"]
+
+
 async def _terminating_identity(handle: WorkflowHandle[PaymentWorkflow, PaymentOutcome]) -> str:
     history = await handle.fetch_history()
     last = history.events[-1]
