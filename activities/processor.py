@@ -41,6 +41,15 @@ that each settled payment was captured exactly once and never voided. A payment'
 | `flaky`   | fails twice, then succeeds                               | the same          |
 | `slow`    | answers after `metadata.simulate_delay_s` (10 s default) | answers at once   |
 
+**Outages.** Besides a payment's own behaviour, the simulator can be down for a while
+for everyone: a window in `processor_faults` (set by the schema owner with `paysaga
+processor fault --mode error|hang --for-s N`, never by the services, which may only
+read it) makes every call (authorize, capture, fence, void, the capture lookup) fail
+with a retryable error (`error`), or not answer until the window ends and then carry
+on (`hang`: past the activity's heartbeat or start-to-close timeout, so Temporal
+retries it elsewhere while the late call may still land, as a real one would). Calls
+during a window are logged in `processor_calls` as `fault_error` or `fault_hang`.
+
 A declined or unanswered payment never reaches its capture. `flaky` means an
 unreliable processor, so its captures fail twice too (attempts 1 and 2 of the call),
 which exercises the capture's retries and idempotency. `slow` stands for an issuer
@@ -53,7 +62,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import Protocol
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal, Protocol
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -82,6 +93,8 @@ SLOW_DELAY_S_DEFAULT = 10.0
 SLOW_DELAY_S_MAX = 3_600.0
 HEARTBEAT_EVERY_S = 0.5
 FLAKY_FAILURES = 2
+# A hang never outlasts this, whatever the window says.
+FAULT_HANG_S_MAX = SLOW_DELAY_S_MAX
 
 
 class ProcessorUnavailable(Exception):
@@ -131,6 +144,22 @@ class SimulatedProcessor:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
 
+    async def _outage(self, payment_id: str, operation: str | None, attempt: int) -> None:
+        """Honour an outage window in `processor_faults`, if one is open now: raise a
+        retryable error, or hang until the window ends (then the call goes on)."""
+        async with self.engine.connect() as conn:
+            fault = (await conn.execute(_OPEN_FAULT)).one_or_none()
+        if fault is None:
+            return
+        if operation is not None:
+            await self._log(payment_id, operation, f"fault_{fault.mode}", attempt)
+        if fault.mode == "error":
+            raise ProcessorUnavailable(
+                f"processor unavailable (outage window until {fault.ends_at.isoformat()})"
+            )
+        # Hang: no answer and no heartbeat until the window closes.
+        await asyncio.sleep(min(max(float(fault.remaining_s), 0.0), FAULT_HANG_S_MAX))
+
     async def _log(self, payment_id: str, operation: str, outcome: str, attempt: int) -> None:
         async with self.engine.begin() as conn:
             await conn.execute(
@@ -142,6 +171,7 @@ class SimulatedProcessor:
             )
 
     async def authorize(self, request: AuthorizationRequest, attempt: int) -> AuthorizationResult:
+        await self._outage(request.payment_id, "authorize", attempt)
         behaviour = request.metadata.get("simulate")
         if behaviour == "decline":
             await self._log(request.payment_id, "authorize", "declined", attempt)
@@ -193,6 +223,7 @@ class SimulatedProcessor:
         )
 
     async def capture(self, request: CaptureRequest, attempt: int) -> CaptureResult:
+        await self._outage(request.payment_id, "capture", attempt)
         if request.metadata.get("simulate") == "flaky" and attempt <= FLAKY_FAILURES:
             await self._log(request.payment_id, "capture", "failed", attempt)
             raise ProcessorUnavailable(f"processor unavailable (simulated, attempt {attempt})")
@@ -214,6 +245,7 @@ class SimulatedProcessor:
         return CaptureResult(captured=False, refusal=_CAPTURE_REFUSALS[row.outcome])
 
     async def fence_capture(self, request: FenceRequest, attempt: int) -> CaptureFence:
+        await self._outage(request.payment_id, "fence_capture", attempt)
         async with self.engine.begin() as conn:
             row = (
                 await conn.execute(_FENCE_CAPTURE, {"p": request.payment_id, "attempt": attempt})
@@ -221,6 +253,7 @@ class SimulatedProcessor:
         return CaptureFence(captured=row.outcome == "captured", capture_id=row.capture_id)
 
     async def void(self, request: VoidRequest, attempt: int) -> VoidResult:
+        await self._outage(request.payment_id, "void", attempt)
         async with self.engine.begin() as conn:
             row = (await conn.execute(_VOID, {"p": request.payment_id, "attempt": attempt})).one()
         return VoidResult(
@@ -230,6 +263,8 @@ class SimulatedProcessor:
         )
 
     async def capture_of(self, payment_id: str) -> str | None:
+        # A lookup logs no call (processor_calls records operations).
+        await self._outage(payment_id, None, 1)
         async with self.engine.connect() as conn:
             found = await conn.execute(_CAPTURE_OF, {"p": payment_id})
             return found.scalar_one_or_none()
@@ -268,12 +303,79 @@ _CAPTURE = text(
 _FENCE_CAPTURE = text("SELECT outcome, capture_id FROM processor_fence_capture(:p, :attempt)")
 _VOID = text("SELECT outcome, authorization_id FROM processor_void(:p, :attempt)")
 _CAPTURE_OF = text("SELECT capture_id FROM processor_captures WHERE payment_id = :p")
+# The outage window open now, if any (the latest-ending one when several overlap).
+_OPEN_FAULT = text(
+    "SELECT mode, ends_at, extract(epoch FROM ends_at - clock_timestamp()) AS remaining_s "
+    "FROM processor_faults WHERE starts_at <= clock_timestamp() AND ends_at > clock_timestamp() "
+    "ORDER BY ends_at DESC LIMIT 1"
+)
 _CAPTURE_REFUSALS = {
     "refused_unauthorized": "the processor holds no authorization for it",
     "refused_voided": "its authorization was voided",
     "refused_fenced": "captures of it were fenced off: the payment is being closed",
     "refused_mismatch": "the amount or currency differs from its authorization",
 }
+
+
+FaultMode = Literal["error", "hang"]
+FAULT_MODES: tuple[FaultMode, ...] = ("error", "hang")
+FAULT_WINDOW_S_MAX = 3_600.0
+
+
+@dataclass(frozen=True)
+class FaultWindow:
+    """A processor outage: every call errors (or hangs) from `starts_at` to `ends_at`."""
+
+    fault_id: int
+    mode: FaultMode
+    starts_at: datetime
+    ends_at: datetime
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "fault_id": self.fault_id,
+            "mode": self.mode,
+            "starts_at": self.starts_at.isoformat(),
+            "ends_at": self.ends_at.isoformat(),
+        }
+
+
+async def open_fault_window(
+    owner_engine: AsyncEngine, mode: FaultMode, duration_s: float, reason: str = ""
+) -> FaultWindow:
+    """Take the simulator down from now for `duration_s`. Needs the schema owner's engine:
+    the services may only read the windows."""
+    if mode not in FAULT_MODES:
+        raise ValueError(f"mode must be one of {', '.join(FAULT_MODES)}, not {mode!r}")
+    if not 0 < duration_s <= FAULT_WINDOW_S_MAX:
+        raise ValueError(f"a window lasts more than 0 and at most {FAULT_WINDOW_S_MAX:.0f} s")
+    async with owner_engine.begin() as conn:
+        row = (
+            await conn.execute(
+                text(
+                    "INSERT INTO processor_faults (mode, ends_at, reason) "
+                    "VALUES (:mode, clock_timestamp() + make_interval(secs => :s), :reason) "
+                    "RETURNING fault_id, mode, starts_at, ends_at"
+                ),
+                {"mode": mode, "s": duration_s, "reason": reason[:200]},
+            )
+        ).one()
+    return FaultWindow(row.fault_id, row.mode, row.starts_at, row.ends_at)
+
+
+async def close_fault_windows(owner_engine: AsyncEngine) -> list[FaultWindow]:
+    """End every open outage window now; returns those it ended."""
+    async with owner_engine.begin() as conn:
+        rows = (
+            await conn.execute(
+                text(
+                    "UPDATE processor_faults SET ends_at = greatest(clock_timestamp(), "
+                    "starts_at + interval '1 microsecond') WHERE ends_at > clock_timestamp() "
+                    "RETURNING fault_id, mode, starts_at, ends_at"
+                )
+            )
+        ).all()
+    return [FaultWindow(r.fault_id, r.mode, r.starts_at, r.ends_at) for r in rows]
 
 
 def _delay_s(raw: object) -> float:
