@@ -33,6 +33,8 @@ _ANY_HOST = frozenset({"0.0.0.0", "::", ""})
 
 
 DEFAULT_TASK_QUEUE = "payments"
+# Worker processes `paysaga up` may run; each is a Python process with its own pollers.
+WORKERS_MAX = 8
 
 
 class Settings(BaseSettings):
@@ -115,6 +117,16 @@ class Settings(BaseSettings):
     )
     worker_workflow_tasks_max: int = Field(
         default=32, ge=1, le=1000, description="PAYSAGA_WORKER_WORKFLOW_TASKS_MAX"
+    )
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=WORKERS_MAX,
+        description="PAYSAGA_WORKERS: how many worker processes `paysaga up` runs on the task "
+        "queue (`worker`, `worker-2`, ...). One by default: the supervisor restarts a crashed "
+        "worker within a second, and each more costs a Python process and its pollers on a "
+        "small machine. Two let the other take over at once while one is down (the "
+        "reliability suite runs two).",
     )
     worker_shutdown_grace_s: int = Field(
         default=20,

@@ -163,10 +163,22 @@ def service_env(settings: Settings, app_url: str) -> dict[str, str]:
     return env
 
 
-def python_service(name: str, settings: Settings, env: dict[str, str]) -> ServiceSpec:
+def worker_names(settings: Settings) -> list[str]:
+    """The worker services: `worker`, then `worker-2`, `worker-3`, ... (PAYSAGA_WORKERS)."""
+    return ["worker", *(f"worker-{n}" for n in range(2, settings.workers + 1))]
+
+
+def restart_holds_dir(settings: Settings) -> Path:
+    """Where a restart of a crashed service can be held back (see Supervisor)."""
+    return settings.data_path / "run" / "restart-holds"
+
+
+def python_service(
+    name: str, settings: Settings, env: dict[str, str], command: str | None = None
+) -> ServiceSpec:
     return ServiceSpec(
         name=name,
-        argv=[sys.executable, "-m", "paysaga", name],
+        argv=[sys.executable, "-m", "paysaga", command or name],
         env=env,
         log_file=settings.data_path / "logs" / f"{name}.log",
         # The worker's graceful shutdown may take its whole grace period.
@@ -249,6 +261,7 @@ async def run_stack(settings: Settings, console: Console) -> None:
         supervisor = Supervisor(
             console=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True),
             state_file=data / "run" / "stack.json",
+            restart_holds_dir=restart_holds_dir(settings),
         )
         stop = asyncio.Event()
         main_task = asyncio.current_task()
@@ -269,8 +282,11 @@ async def run_stack(settings: Settings, console: Console) -> None:
             app_url = await _start_servers(settings, supervisor, console)
             env = service_env(settings, app_url)
             # The worker also creates the reconciliation and sweeper schedules, and watches
-            # the reconciliation inbox.
-            await supervisor.start(python_service("worker", settings, env))
+            # the reconciliation inbox. Several workers may: each creates or updates the
+            # same schedules to the same configuration, and a second signal to the
+            # statement stream only starts another (idempotent) matching pass.
+            for name in worker_names(settings):
+                await supervisor.start(python_service(name, settings, env, command="worker"))
             # Chains the ledger into blocks, so that deleting any event is detected.
             await supervisor.start(python_service("sealer", settings, env))
             # The read side: read models and the risk consumer.

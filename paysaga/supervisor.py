@@ -10,6 +10,10 @@ Guarantees, in order of importance:
   a backoff that doubles from RESTART_BACKOFF_S_MIN to RESTART_BACKOFF_S_MAX, and
   resets once the child has stayed up for RESTART_BACKOFF_RESET_S. Every restart is
   logged.
+- **Held restarts.** A restart waits while a hold is in place: a file named after the
+  service in `restart_holds_dir`, holding the Unix time until which to wait (at most
+  RESTART_HOLD_S_MAX from now). The chaos tool uses it to keep a killed worker down
+  for a while (`paysaga chaos run`); the directory lives in the private run directory.
 - **Visibility.** Each child's output goes to its own log file, and optionally to the
   console with a `name |` prefix. The current pids are kept in a state file.
 - **Privacy.** Children start with umask 077, and log files are 0600: what a service
@@ -38,6 +42,7 @@ log = logging.getLogger("paysaga.supervisor")
 RESTART_BACKOFF_S_MIN = 0.25
 RESTART_BACKOFF_S_MAX = 10.0
 RESTART_BACKOFF_RESET_S = 30.0
+RESTART_HOLD_S_MAX = 300.0
 OUTPUT_LINE_BYTES_MAX = 64 * 1024
 CHILD_UMASK = 0o077
 LOG_FILE_MODE = 0o600
@@ -111,9 +116,11 @@ class Supervisor:
         *,
         console: Callable[[str], None],
         state_file: Path | None = None,
+        restart_holds_dir: Path | None = None,
     ) -> None:
         self._console = console
         self._state_file = state_file
+        self._restart_holds_dir = restart_holds_dir
         self._services: dict[str, _Running] = {}
         self._stopping = False
 
@@ -218,9 +225,25 @@ class Supervisor:
                 )
                 log.warning(message)
                 await asyncio.sleep(backoff_s)
+                await self._wait_restart_hold(spec.name)
                 backoff_s = min(backoff_s * 2, RESTART_BACKOFF_S_MAX)
         finally:
             running.spawned.set()
+
+    async def _wait_restart_hold(self, name: str) -> None:
+        """Wait out a hold on restarting `name`, if one is in place; then lift it."""
+        if self._restart_holds_dir is None:
+            return
+        hold = self._restart_holds_dir / name
+        try:
+            until = float(hold.read_text().strip())
+        except (OSError, ValueError):
+            return
+        hold.unlink(missing_ok=True)
+        wait_s = min(until - time.time(), RESTART_HOLD_S_MAX)
+        if wait_s > 0:
+            log.warning("restart of %s held for %.1f s", name, wait_s)
+            await asyncio.sleep(wait_s)
 
     async def _stop_one(self, running: _Running) -> None:
         process = running.process

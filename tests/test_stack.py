@@ -216,13 +216,10 @@ def _assert_the_sealer_and_the_sweeper_run(stack: RunningStack) -> None:
 
 
 def stack_log(stack: RunningStack) -> str:
-    # The supervisor's own messages reach the terminal (our pipe) as they happen.
-    assert stack.process is not None and stack.process.stdout is not None
-    os.set_blocking(stack.process.stdout.fileno(), False)
-    chunk = stack.process.stdout.read() or ""
-    os.set_blocking(stack.process.stdout.fileno(), True)
-    stack.output.append(chunk)
-    return "".join(stack.output)
+    # The supervisor's own messages reach the terminal (our pipe) as they happen; the
+    # harness reads the pipe as it fills.
+    time.sleep(0.2)
+    return stack.read_output()
 
 
 def _workflow_status(stack: RunningStack, workflow_id: str) -> str:

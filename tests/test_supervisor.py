@@ -73,6 +73,31 @@ async def test_a_killed_service_is_restarted_and_the_restart_is_logged(
     assert (tmp_path / "sleeper.log").read_text().count("up") == 2
 
 
+async def test_a_restart_waits_out_a_hold_on_the_service(tmp_path: Path) -> None:
+    """The chaos run keeps a killed worker down for a while: a hold file, read (and
+    lifted) when the restart is due."""
+    holds = tmp_path / "holds"
+    holds.mkdir()
+    sup = Supervisor(console=lambda _: None, restart_holds_dir=holds)
+    first = await sup.start(ServiceSpec("sleeper", SLEEPER))
+    try:
+        (holds / "sleeper").write_text(f"{time.time() + 1.5:.3f}")
+        killed_at = time.monotonic()
+        os.kill(first, signal.SIGKILL)
+        await _wait_for_new_pid(sup, "sleeper", first)
+        assert time.monotonic() - killed_at >= 1.5
+        assert not (holds / "sleeper").exists()
+        # Lifted: the next crash restarts at once (after the backoff alone).
+        second = sup.pid("sleeper")
+        assert second is not None
+        killed_at = time.monotonic()
+        os.kill(second, signal.SIGKILL)
+        await _wait_for_new_pid(sup, "sleeper", second)
+        assert time.monotonic() - killed_at < 1.5
+    finally:
+        await sup.stop()
+
+
 async def test_restarts_back_off_when_a_service_keeps_crashing(tmp_path: Path) -> None:
     sup = Supervisor(console=lambda _: None)
     await sup.start(ServiceSpec("crasher", [sys.executable, "-c", "raise SystemExit(3)"]))

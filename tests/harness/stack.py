@@ -8,9 +8,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import httpx
 import psutil
@@ -56,6 +58,7 @@ class RunningStack:
     ui_port: int
     process: subprocess.Popen[str] | None = None
     output: list[str] = field(default_factory=list)
+    _drain: threading.Thread | None = None
 
     @classmethod
     def new(cls, data_dir: Path, **env: str) -> RunningStack:
@@ -84,6 +87,13 @@ class RunningStack:
             stderr=subprocess.STDOUT,
             text=True,
         )
+        # `paysaga up` writes its services' output to its console: were the pipe to us
+        # left full, that write would block its event loop, and it would restart
+        # nothing any more. So it is read as it comes, into `output`.
+        self._drain = threading.Thread(
+            target=self._collect, args=(self.process.stdout,), name="stack-output", daemon=True
+        )
+        self._drain.start()
         self.wait_ready()
         return time.monotonic() - started
 
@@ -136,11 +146,15 @@ class RunningStack:
             raise
         return self.process.returncode
 
+    def _collect(self, stdout: IO[str]) -> None:
+        for line in stdout:
+            self.output.append(line)
+
     def read_output(self) -> str:
+        """Everything the stack printed so far (all of it, once it has exited)."""
         assert self.process is not None
-        if self.process.poll() is None or self.process.stdout is None:
-            return "".join(self.output)
-        self.output.append(self.process.stdout.read())
+        if self.process.poll() is not None and self._drain is not None:
+            self._drain.join(timeout=10)
         return "".join(self.output)
 
 
