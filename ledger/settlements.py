@@ -27,17 +27,29 @@ SYNC_SEQ_SPAN_MAX = 2_000_000
 ITEMS_LOCK = "paysaga/recon/items"
 
 _LOCK = "SELECT pg_advisory_xact_lock(hashtextextended(%(key)s, 0))"
+# A PaymentSettled whose payload is not one (only an event forged around ledger_append
+# can be: no debit posting, no currency) is no item: `ledger check`, which every
+# reconciliation runs, reports it as internal drift. It must not fail the sync, or every
+# run after it would fail too.
 _SYNC = """
 INSERT INTO recon.items (global_seq, kind, payment_id, reference, amount_minor, currency,
                          value_date, settled_at)
 SELECT e.global_seq, 'capture', e.payload->>'payment_id', e.payload->>'payment_id',
-       (SELECT sum((p->>'amount_minor')::bigint)
-          FROM jsonb_array_elements(e.payload->'postings') AS p
-         WHERE p->>'side' = 'debit')::bigint,
-       e.payload->>'currency', (e.recorded_at AT TIME ZONE 'UTC')::date, e.recorded_at
+       debit.amount_minor::bigint, e.payload->>'currency',
+       (e.recorded_at AT TIME ZONE 'UTC')::date, e.recorded_at
   FROM events e
+ CROSS JOIN LATERAL (
+       SELECT sum((p->>'amount_minor')::numeric) AS amount_minor
+         FROM jsonb_array_elements(CASE jsonb_typeof(e.payload->'postings')
+                                   WHEN 'array' THEN e.payload->'postings'
+                                   ELSE '[]' END) AS p
+        WHERE p->>'side' = 'debit' AND jsonb_typeof(p->'amount_minor') = 'number') AS debit
  WHERE e.global_seq > %(after)s AND e.global_seq <= %(upto)s
    AND e.event_type = 'PaymentSettled'
+   AND debit.amount_minor BETWEEN 1 AND 9223372036854775807
+   AND debit.amount_minor = trunc(debit.amount_minor)
+   AND length(e.payload->>'payment_id') BETWEEN 1 AND 200
+   AND e.payload->>'currency' ~ '^[A-Z]{3}$'
  ORDER BY e.global_seq
 ON CONFLICT (global_seq, kind) DO NOTHING
 """
