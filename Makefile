@@ -8,13 +8,20 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up test lint format install clean-data
+.PHONY: up test reliability lint format install clean-data
 
 up: $(STAMP)
 	$(BIN)/paysaga up
 
 test: $(STAMP)
 	$(BIN)/pytest
+
+# The long bank run (issue 11): RELIABILITY_DURATION_S (600) seconds of load, every fault
+# kind again and again, then the checker; prints the run's summary. RELIABILITY_CLIENTS,
+# RELIABILITY_READERS, RELIABILITY_FAULT_INTERVAL_S, RELIABILITY_CLOSE_BOUND_S and
+# RELIABILITY_SEED tune it.
+reliability: $(STAMP)
+	$(BIN)/pytest -m reliability -s -p no:cacheprovider tests/reliability/test_bank.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -51,7 +51,8 @@ app.add_typer(temporal_app, name="temporal")
 app.add_typer(ledger_app, name="ledger", no_args_is_help=True)
 app.add_typer(statement_app, name="statement")
 processor_app = typer.Typer(
-    help="The built-in processor simulator: its settlement reports.", no_args_is_help=True
+    help="The built-in processor simulator: its settlement reports, and its outages.",
+    no_args_is_help=True,
 )
 app.add_typer(processor_app, name="processor")
 recon_app = typer.Typer(
@@ -59,6 +60,11 @@ recon_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(recon_app, name="recon")
+chaos_app = typer.Typer(
+    help="Chaos runs: a bank workload under faults against a running stack, and its checker.",
+    no_args_is_help=True,
+)
+app.add_typer(chaos_app, name="chaos")
 
 err = Console(stderr=True)
 
@@ -629,6 +635,44 @@ async def _ingest_report(settings: Settings, content: bytes, filename: str) -> N
         err.print(f"matching starts at the next scheduled run ({error})")
 
 
+@processor_app.command("fault")
+def processor_fault(
+    mode: Annotated[
+        str,
+        typer.Option(help="error: every call fails (retryably); hang: no call answers."),
+    ] = "error",
+    for_s: Annotated[
+        float, typer.Option("--for-s", help="How long the outage lasts, from now (seconds).")
+    ] = 10.0,
+    clear: Annotated[
+        bool, typer.Option("--clear", help="End every open outage now instead.")
+    ] = False,
+) -> None:
+    """Take the processor simulator down for a while: an outage window every processor call
+    honours (authorize, capture, fence, void). Runs as the schema owner; the services
+    may only read the windows. Prints the window(s) as JSON."""
+    from activities.processor import FAULT_MODES, close_fault_windows, open_fault_window
+
+    if clear:
+        ended = _with_owner_engine(lambda engine, _settings: close_fault_windows(engine))
+        err.print(f"ended {len(ended)} open outage window(s)")
+        for window in ended:
+            typer.echo(json.dumps(window.to_json()))
+        return
+    if mode not in FAULT_MODES:
+        raise typer.BadParameter(f"choose one of {', '.join(FAULT_MODES)}", param_hint="--mode")
+
+    async def open_window(engine: AsyncEngine, _settings: Settings) -> Any:
+        return await open_fault_window(engine, mode, for_s, reason="paysaga processor fault")
+
+    try:
+        window = _with_owner_engine(open_window)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--for-s") from None
+    err.print(f"the processor is down ({mode}) until {window.ends_at.isoformat()}")
+    typer.echo(json.dumps(window.to_json()))
+
+
 # --- Temporal -----------------------------------------------------------------------------
 @temporal_app.command("register")
 def temporal_register() -> None:
@@ -916,6 +960,251 @@ async def _replay(
         fail(str(error))
     finally:
         await conn.close()
+
+
+# --- chaos: the driver (`paysaga chaos run`) ----------------------------------------------
+@chaos_app.command("run")
+def chaos_run(
+    duration_s: Annotated[
+        float, typer.Option("--duration-s", min=1, help="How long the load runs.")
+    ] = 60.0,
+    ops: Annotated[
+        int, typer.Option("--ops", min=1, help="At most this many payment submissions.")
+    ] = 100_000,
+    seed: Annotated[
+        int | None, typer.Option(help="Seeds every random choice (default: a random seed).")
+    ] = None,
+    faults: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated fault kinds, `all` or `none`: kill-worker, kill-api, "
+            "kill-projector, pg-restart-fast, pg-restart-immediate, temporal-restart, "
+            "processor-error, processor-hang, terminate, cancel, reset."
+        ),
+    ] = "all",
+    customers: Annotated[int, typer.Option(min=2, max=100, help="Customer accounts.")] = 8,
+    clients: Annotated[
+        int, typer.Option(min=1, max=100, help="Concurrent clients submitting payments.")
+    ] = 8,
+    readers: Annotated[int, typer.Option(min=0, max=100, help="Concurrent readers.")] = 2,
+    fault_interval_s: Annotated[
+        float,
+        typer.Option(
+            "--fault-interval-s",
+            min=0.1,
+            help="Mean pause between faults in each lane, once each kind has run once.",
+        ),
+    ] = 10.0,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="The run directory (default: <data dir>/chaos/<time>-<run>)."),
+    ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key",
+            envvar="PAYSAGA_CHAOS_API_KEY",
+            help="A key with every scope (default: one is created as the schema owner).",
+        ),
+    ] = None,
+    settle_timeout_s: Annotated[
+        float,
+        typer.Option(
+            "--settle-timeout-s", min=0, help="How long to wait for payments to end, at the end."
+        ),
+    ] = 60.0,
+    drain_timeout_s: Annotated[
+        float,
+        typer.Option(
+            "--drain-timeout-s",
+            min=0,
+            help="How long the operators' actions still scheduled (approvals, cancels) may "
+            "go on after the load stops.",
+        ),
+    ] = 60.0,
+    check: Annotated[
+        bool, typer.Option("--check/--no-check", help="Run the checker on the run at the end.")
+    ] = True,
+    quiesce_timeout_s: Annotated[
+        float,
+        typer.Option("--quiesce-timeout-s", min=0, help="The checker's wait for quiescence."),
+    ] = 300.0,
+) -> None:
+    """Run the bank workload under faults against a running `paysaga up`, record it, and
+    check it.
+
+    Needs the stack's configuration (the same PAYSAGA_DATA_DIR and ports): it reads the
+    services' pids from the data directory, logs in as the schema owner for the
+    processor's outages (and the API key), and sends traffic to the API and to Temporal
+    on 127.0.0.1 only. Prints the run directory on stdout; exits 1 if the checker finds
+    the run invalid.
+    """
+    from paysaga.chaos.driver import ChaosOptions, run_chaos
+    from paysaga.chaos.history import CHECK_FILE, FAULT_KINDS, write_json
+    from paysaga.chaos.workload import ChaosSetupError
+
+    settings = _settings()
+    chosen = [k.strip() for k in faults.split(",") if k.strip()]
+    if chosen == ["all"]:
+        chosen = list(FAULT_KINDS)
+    elif chosen == ["none"]:
+        chosen = []
+    unknown = sorted(set(chosen) - set(FAULT_KINDS))
+    if unknown:
+        raise typer.BadParameter(
+            f"unknown fault kind(s) {', '.join(unknown)}; choose from {', '.join(FAULT_KINDS)}",
+            param_hint="--faults",
+        )
+    options = ChaosOptions(
+        duration_s=duration_s,
+        ops_max=ops,
+        seed=seed,
+        faults=chosen,
+        customers=customers,
+        clients=clients,
+        readers=readers,
+        run_dir=out,
+        api_key=api_key,
+        fault_interval_s=fault_interval_s,
+        settle_timeout_s=settle_timeout_s,
+        drain_timeout_s=drain_timeout_s,
+    )
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        result = asyncio.run(run_chaos(settings, options, lambda line: err.print(line)))
+    except ChaosSetupError as error:
+        fail(str(error))
+    err.print(_chaos_summary_table(result.summary))
+    typer.echo(str(result.run_dir))
+    if not check:
+        return
+    import importlib
+
+    try:
+        checker = importlib.import_module("paysaga.chaos.checker")
+    except ImportError:
+        fail("the checker (paysaga.chaos.checker) is not installed; rerun with --no-check")
+    report = asyncio.run(
+        checker.check_run(result.run_dir, settings, quiesce_timeout_s=quiesce_timeout_s)
+    )
+    write_json(result.run_dir / CHECK_FILE, report.to_json())
+    err.print(report.render())
+    if not report.valid:
+        raise typer.Exit(1)
+
+
+def _chaos_summary_table(summary: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"chaos run {summary['run_tag']} (seed {summary['seed']})")
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    operations = summary["operations"]
+    rows = [
+        ("submissions (load + funding)", operations["submissions"]),
+        ("acknowledged", operations["acked"]),
+        ("not acknowledged", operations["not_acked"]),
+        ("deliberate duplicates", operations["duplicates_sent"]),
+        ("keys answered with two payments", operations["keys_with_two_payments"]),
+    ]
+    rows += [
+        (f"action {op} -> {codes}", sum(codes.values()))
+        for op, codes in operations["actions"].items()
+    ]
+    rows += [(f"reads: {what}", n) for what, n in operations["reads"].items()]
+    http = summary["http"]
+    rows += [("HTTP requests", http["requests"]), ("HTTP retries", http["retries"])]
+    rows += [("requests given up", http["gave_up"])]
+    for kind, counts in summary["faults"]["per_kind"].items():
+        rows.append((f"fault {kind} (ok/injected)", f"{counts['ok']}/{counts['injected']}"))
+    for status, n in summary["payments"]["per_status"].items():
+        rows.append((f"payments {status}", n))
+    rows.append(("payments still open", summary["payments"]["still_open"]))
+    for what, value in rows:
+        table.add_row(what, str(value))
+    return table
+
+
+# --- chaos: the checker (`paysaga chaos check`) -------------------------------------------
+# The checker's table on stdout when it is not a terminal (a log, a CI job).
+CHAOS_CHECK_WIDTH = 200
+
+
+@chaos_app.command("check")
+def chaos_check(
+    run_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="The run directory `paysaga chaos run` printed.", exists=True, file_okay=False
+        ),
+    ],
+    quiesce_timeout_s: Annotated[
+        float,
+        typer.Option(
+            "--quiesce-timeout-s",
+            min=0,
+            help="How long to wait for the system to quiesce (0: neither wait nor sweep).",
+        ),
+    ] = 300.0,
+    close_bound_s: Annotated[
+        float,
+        typer.Option(
+            "--close-bound-s",
+            min=1,
+            help="Every payment ends within this many seconds of its PaymentInitiated.",
+        ),
+    ] = 300.0,
+    historical_samples: Annotated[
+        int,
+        typer.Option(
+            "--historical-samples",
+            min=0,
+            max=1_000,
+            help="Historical balances read at random instants, per account of the run.",
+        ),
+    ] = 20,
+    reconcile: Annotated[
+        bool,
+        typer.Option(
+            "--reconcile/--no-reconcile",
+            help="Reconcile the processor's settlement report for the run (a worker must run).",
+        ),
+    ] = True,
+) -> None:
+    """Judge a chaos run, as Jepsen's bank checker does: wait for the system to quiesce
+    (including a sweep), then check every invariant (conservation, no overdraft, every
+    payment closes, no duplicates, state machines, no hold leaks, positions, seal and
+    chains, read models and historical balances, the processor, decisions,
+    reconciliation).
+
+    Prints `valid?` and, per invariant, the count of violations and the first one; writes
+    RUN_DIR/check.json. Exits 0 if the run is valid, 1 if not.
+    """
+    from paysaga.chaos.checker import CheckError, check_run
+    from paysaga.chaos.history import CHECK_FILE, write_json
+    from paysaga.db import DatabaseConfigError
+
+    settings = _settings()
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        report = _on_ledger_database(
+            lambda: check_run(
+                run_dir,
+                settings,
+                quiesce_timeout_s=quiesce_timeout_s,
+                close_bound_s=close_bound_s,
+                historical_samples=historical_samples,
+                reconcile=reconcile,
+                say=lambda line: err.print(line, highlight=False),
+            )
+        )
+    except (CheckError, DatabaseConfigError) as error:
+        fail(str(error), code=2)
+    write_json(run_dir / CHECK_FILE, report.to_json())
+    out = Console() if sys.stdout.isatty() else Console(width=CHAOS_CHECK_WIDTH)
+    out.print(report.render())
+    if not report.valid:
+        raise typer.Exit(1)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
