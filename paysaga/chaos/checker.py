@@ -62,6 +62,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from ledger import audit
 from ledger.db import create_reader_engine, to_libpq_url
 from ledger.projections.fold import ReadModelFold
 from ledger.projector import Lag
@@ -637,23 +638,12 @@ class _Checker:
     async def _load_payments(self) -> None:
         """The run's payments: every acknowledged one, and every payment from or to one of
         the run's own accounts (funding and load, acknowledged or not)."""
-        found = await self._fetch(
-            "SELECT stream_id FROM events WHERE event_type = 'PaymentInitiated' AND "
-            "(payload->>'payer_account_id' = ANY(:a) OR payload->>'payee_account_id' = ANY(:a))",
-            {"a": self.history.accounts},
-        )
-        streams = {row.stream_id for row in found}
+        streams = await audit.payment_streams_touching(self.engine, self.history.accounts)
         streams |= {f"payment-{p}" for p in self.history.acked}
         by_stream: dict[str, PaymentFacts] = {}
         ordered = sorted(streams)
         for i in range(0, len(ordered), ID_BATCH):
-            rows = await self._fetch(
-                "SELECT s.stream_id, s.state, e.event_type, e.recorded_at, "
-                "CASE WHEN e.event_type = 'PaymentInitiated' THEN e.payload END AS payload "
-                "FROM streams s JOIN events e ON e.stream_id = s.stream_id "
-                "WHERE s.stream_id = ANY(:ids) ORDER BY e.stream_id, e.stream_version",
-                {"ids": ordered[i : i + ID_BATCH]},
-            )
+            rows = await audit.stream_paths(self.engine, ordered[i : i + ID_BATCH])
             for row in rows:
                 facts = by_stream.get(row.stream_id)
                 if facts is None:
@@ -740,11 +730,7 @@ class _Checker:
                 invariants["seal-and-chains"].violation(_violation_text(v))
 
     async def _no_overdraft(self, inv: Invariant) -> None:
-        rows = await self._fetch(
-            "SELECT account_id, overdraft_limit_minor, "
-            "credits_posted - debits_posted - debits_pending + overdraft_limit_minor AS available "
-            "FROM account_positions WHERE overdraft_limit_minor IS NOT NULL ORDER BY account_id"
-        )
+        rows = await audit.limited_positions(self.engine)
         inv.checked += len(rows)
         for row in rows:
             if row.available < 0:
@@ -851,11 +837,7 @@ class _Checker:
                     f"{facts.initiated.get('payer_account_id')}: neither settled nor released"
                 )
         accounts = [*self.history.accounts, self.history.info.accounts.fees]
-        rows = await self._fetch(
-            "SELECT account_id, debits_pending, credits_pending FROM account_positions "
-            "WHERE account_id = ANY(:a) ORDER BY account_id",
-            {"a": accounts},
-        )
+        rows = await audit.pending(self.engine, accounts)
         inv.checked += len(rows)
         for row in rows:
             if row.debits_pending or row.credits_pending:
@@ -952,12 +934,7 @@ class _Checker:
         fold = ReadModelFold()
         after = 0
         while after < upto:
-            rows = await self._fetch(
-                "SELECT global_seq, stream_id, event_id, event_type, payload, recorded_at "
-                "FROM events WHERE global_seq > :after AND global_seq <= :upto "
-                "ORDER BY global_seq LIMIT :limit",
-                {"after": after, "upto": upto, "limit": EVENT_BATCH},
-            )
+            rows = await audit.events_page(self.engine, after, upto, EVENT_BATCH)
             if not rows:
                 break
             for row in rows:
@@ -1026,12 +1003,7 @@ class _Checker:
             elif not authorized and voided:
                 inv.violation(f"{who} was never authorized, but voided {voided} time(s)")
         # The processor holds nothing for a payment the ledger never heard of.
-        for row in await self._fetch(
-            "SELECT a.payment_id, a.status FROM processor_authorizations a "
-            "WHERE a.status IN ('authorized', 'captured') AND NOT EXISTS "
-            "(SELECT 1 FROM streams s WHERE s.stream_id = 'payment-' || a.payment_id) "
-            "ORDER BY a.payment_id LIMIT 100"
-        ):
+        for row in await audit.processor_holds_unrecorded(self.engine):
             inv.violation(
                 f"the processor has payment {row.payment_id} {row.status}, but the ledger has "
                 "no stream for it"
@@ -1136,10 +1108,8 @@ class _Checker:
         self.facts["reconciliation"]["expected"] = expected
 
     async def _ended(self, payment_id: str) -> bool:
-        rows = await self._fetch(
-            "SELECT state FROM streams WHERE stream_id = :s", {"s": f"payment-{payment_id}"}
-        )
-        return bool(rows) and rows[0].state in TERMINAL_STATES
+        state = await audit.stream_state(self.engine, f"payment-{payment_id}")
+        return state in TERMINAL_STATES
 
 
 def _micros(instant: datetime) -> int:

@@ -21,21 +21,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from paysaga.chaos.history import CHECK_FILE, FAULT_KINDS, load_summary
-from paysaga.embedded_pg import EmbeddedPostgres
 from tests.harness.stack import RunningStack
+from tests.reliability.well_formed import assert_well_formed
 
 BANK_DURATION_S = float(os.environ.get("RELIABILITY_BANK_DURATION_S", "60"))
 LONG_DURATION_S = float(os.environ.get("RELIABILITY_DURATION_S", "600"))
@@ -66,29 +62,6 @@ STACK_S = 120
 
 def _timeout_s(duration_s: float) -> float:
     return duration_s + RUN_OVERHEAD_S + QUIESCE_TIMEOUT_S + CHECK_OVERHEAD_S + STACK_S
-
-
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[RunningStack]:
-    # PostgreSQL's OS user (when we are root) must pass through the parent directory.
-    root = Path(tempfile.mkdtemp(prefix="paysaga-bank-"))
-    root.chmod(0o711)
-    running = RunningStack.new(
-        root / "data",
-        PAYSAGA_WORKERS="2",
-        PAYSAGA_FEE_BPS="100",
-        PAYSAGA_FEES_ACCOUNT_ID="fees",
-        # A terminated payment is repaired within seconds, not a minute and a half.
-        PAYSAGA_SWEEP_INTERVAL_S="5",
-        PAYSAGA_SWEEP_IDLE_S="2",
-    )
-    yield running
-    if running.process is not None and running.process.poll() is None:
-        running.stop(signal.SIGKILL)
-    # The services' logs outlive the stack, beside the run (pytest keeps its last runs).
-    shutil.copytree(running.data_dir / "logs", tmp_path / "logs", dirs_exist_ok=True)
-    shutil.rmtree(EmbeddedPostgres(running.data_dir / "pg").socket_dir, ignore_errors=True)
-    shutil.rmtree(root, ignore_errors=True)
 
 
 def _paysaga(stack: RunningStack, log: Path, *args: str, timeout_s: float) -> int:
@@ -211,6 +184,9 @@ def test_a_bank_run_with_one_fault_of_each_kind_is_valid(
     )
     injected = {k: v["injected"] for k, v in summary["faults"]["per_kind"].items()}
     assert set(injected) == set(FAULT_KINDS), injected
+    # One of each kind, and each applied: the stack came back from every one.
+    assert summary["faults"]["failed"] == 0, summary["faults"]
+    assert_well_formed(stack, tmp_path / "run")
 
 
 @pytest.mark.reliability

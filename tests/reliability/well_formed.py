@@ -1,29 +1,17 @@
-"""`paysaga chaos run` against a real `paysaga up`: every fault applied, a history the
-checker can read.
-
-One short run (20 s of load, every fault kind) against a stack with two workers. It
-proves the driver, not the product's invariants (that is the checker's, in
-test_bank.py): each kind of fault was injected and the stack came back from it, the
-history and the summary have the shape the contract gives them, and the supervisor
-really restarted what the faults killed.
+"""What a `paysaga chaos run` must leave behind, whatever the product did: a history and
+a summary of the contract's shape (paysaga/chaos/history.py) that agree, every fault
+kind injected, and every service the faults killed restarted by the supervisor. It proves
+the driver, not the product's invariants (the checker's, in test_bank.py).
 """
 
 from __future__ import annotations
 
-import json
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 from collections import Counter
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from paysaga.chaos.history import (
     FAULT_KINDS,
@@ -32,14 +20,8 @@ from paysaga.chaos.history import (
     load_history,
     load_summary,
 )
-from paysaga.embedded_pg import EmbeddedPostgres
 from tests.harness.stack import RunningStack
 
-pytestmark = pytest.mark.slow
-
-SEED = 11
-# 20 s of load; set-up, the faults' tails, the drain and the settle add about 25 s.
-CHAOS_TIMEOUT_S = 100
 SUBMIT_FIELDS = {
     "key",
     "payer",
@@ -71,26 +53,6 @@ READ_FIELDS = {
 FAULT_FIELDS = {"kind", "target", "detail", "ok"}
 
 
-@pytest.fixture
-def stack() -> Iterator[RunningStack]:
-    # PostgreSQL's OS user (when we are root) must pass through the parent directory.
-    root = Path(tempfile.mkdtemp(prefix="paysaga-chaos-"))
-    root.chmod(0o711)
-    running = RunningStack.new(
-        root / "data",
-        PAYSAGA_WORKERS="2",
-        PAYSAGA_FEE_BPS="100",
-        PAYSAGA_FEES_ACCOUNT_ID="fees",
-        PAYSAGA_SWEEP_INTERVAL_S="5",
-        PAYSAGA_SWEEP_IDLE_S="2",
-    )
-    yield running
-    if running.process is not None and running.process.poll() is None:
-        running.stop(signal.SIGKILL)
-    shutil.rmtree(EmbeddedPostgres(running.data_dir / "pg").socket_dir, ignore_errors=True)
-    shutil.rmtree(root, ignore_errors=True)
-
-
 def _by_type(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     grouped: dict[str, list[dict[str, Any]]] = {kind: [] for kind in RECORD_TYPES}
     for record in records:
@@ -98,35 +60,8 @@ def _by_type(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     return grouped
 
 
-def test_a_short_chaos_run_applies_every_fault_and_records_a_well_formed_history(
-    stack: RunningStack,
-) -> None:
-    stack.start()
-    run_dir = stack.data_dir.parent / "run"
-    log = stack.data_dir.parent / "chaos.log"
-    # The run's progress goes to a file: if it overruns, the file says where it was.
-    command = [
-        *(sys.executable, "-m", "paysaga", "chaos", "run", "--out", str(run_dir)),
-        *("--duration-s", "20", "--seed", str(SEED), "--clients", "4", "--readers", "2"),
-        *("--drain-timeout-s", "5", "--settle-timeout-s", "10", "--no-check"),
-    ]
-    with open(log, "w") as progress:
-        try:
-            result = subprocess.run(
-                command,
-                env=stack.env,
-                stdout=subprocess.PIPE,
-                stderr=progress,
-                text=True,
-                timeout=CHAOS_TIMEOUT_S,
-            )
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"the chaos run overran {CHAOS_TIMEOUT_S} s:\n{log.read_text()}")
-    assert result.returncode == 0, log.read_text()[-3000:]
-    assert result.stdout.strip().splitlines()[-1] == str(run_dir)
-
+def assert_well_formed(stack: RunningStack, run_dir: Path) -> None:
     info, records = load_history(run_dir)
-    assert info.seed == SEED
     assert info.faults_requested == list(FAULT_KINDS)
     assert info.ended_at is not None
     assert datetime.fromisoformat(info.started_at) < datetime.fromisoformat(info.ended_at)
@@ -146,8 +81,6 @@ def test_a_short_chaos_run_applies_every_fault_and_records_a_well_formed_history
         assert fault.keys() >= FAULT_FIELDS
     injected = Counter(f["kind"] for f in faults)
     assert set(injected) == set(FAULT_KINDS), injected
-    failed = [f for f in faults if not f["ok"]]
-    assert failed == [], json.dumps(failed, indent=1)
 
     submits = grouped["submit"]
     for submit in submits:
@@ -179,10 +112,8 @@ def test_a_short_chaos_run_applies_every_fault_and_records_a_well_formed_history
     # The summary counts what the history holds.
     summary = load_summary(run_dir)
     assert (run_dir / SUMMARY_FILE).exists()
-    assert summary["seed"] == SEED
     assert summary["operations"]["submissions"] == len(submits)
     assert summary["operations"]["acked"] == sum(1 for s in submits if s["acked"])
-    assert summary["faults"]["failed"] == 0
     per_kind = summary["faults"]["per_kind"]
     assert {k: v["injected"] for k, v in per_kind.items()} == dict(injected)
     assert summary["payments"]["acknowledged"] == len(
