@@ -462,10 +462,6 @@ async def verify_seal_since(
                 )
             )
         ).one_or_none()
-        if newest is None or newest.block_no <= after:
-            if since is not None and newest is None:
-                report.add("block-link", f"block {since.block_no}, verified before, is gone")
-            return report, since
         if since is not None:
             kept = (
                 await conn.execute(
@@ -473,11 +469,15 @@ async def verify_seal_since(
                     {"n": since.block_no},
                 )
             ).one_or_none()
-            if kept is None or bytes(kept.hash) != since.hash:
+            if kept is None:
+                report.add("block-link", f"block {since.block_no}, verified before, is gone")
+            elif bytes(kept.hash) != since.hash:
                 report.add(
                     "block-hash",
                     f"block {since.block_no} no longer carries the hash it was verified with",
                 )
+        if newest is None or newest.block_no <= after:
+            return report, since
         seal = _Seal(report, _blocks(conn, after), None, since)
         await seal.start()
         last: dict[str, tuple[int, bytes, int]] = {}

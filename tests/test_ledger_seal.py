@@ -218,6 +218,12 @@ async def test_the_seal_verifies_from_the_last_verified_block(
     rewritten, _ = await verify_seal_since(store.engine, point)
     assert f"block {point.block_no} no longer carries the hash" in "\n".join(rewritten.lines())
 
+    # The newest blocks removed: a check from the newest verified one still sees it.
+    as_owner(database, ("DELETE FROM ledger_blocks WHERE block_no >= %s", (reached.block_no,)))
+    removed, kept = await verify_seal_since(store.engine, reached)
+    assert f"block {reached.block_no}, verified before, is gone" in "\n".join(removed.lines())
+    assert kept == reached
+
 
 async def test_a_digest_kept_elsewhere_catches_a_rewritten_seal(
     sealed: dict[str, Payment], store: EventStore, database: IsolatedDatabase
