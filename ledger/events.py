@@ -29,7 +29,8 @@ ACCOUNT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
 PAYMENT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
 AccountId = Annotated[str, Field(pattern=ACCOUNT_ID_PATTERN, examples=["acct-a"])]
 PaymentId = Annotated[str, Field(pattern=PAYMENT_ID_PATTERN)]
-Reason = Annotated[str, Field(min_length=1, max_length=500)]
+REASON_CHARS_MAX = 500
+Reason = Annotated[str, Field(min_length=1, max_length=REASON_CHARS_MAX)]
 Actor = Annotated[str, Field(min_length=1, max_length=200)]
 METADATA_DEPTH_MAX = 8
 

@@ -9,10 +9,11 @@ from temporalio.api.sdk.v1 import WorkflowMetadata
 from temporalio.client import WorkflowFailureError, WorkflowUpdateFailedError
 from temporalio.service import RPCError
 
+from ledger.events import REASON_CHARS_MAX
 from ledger.store import EventStore
 from tests.harness.saga import APPROVAL_POLICY, TEST_POLICY, Payments, wait_for, wait_for_state
-from workflows.models import ApproveRequest, CancelRequest, RejectRequest
-from workflows.payment import PaymentWorkflow
+from workflows.models import ApproveRequest, CancelRequest, Close, RejectRequest
+from workflows.payment import PaymentWorkflow, _Stop
 
 HAPPY = ["PaymentInitiated", "PaymentAuthorized", "FundsReserved", "PaymentSettled"]
 
@@ -295,3 +296,15 @@ async def test_cancelling_the_workflow_itself_still_compensates(
     assert (types[0], types[-1]) == ("PaymentInitiated", "PaymentCancelled")
     assert ("void", "fenced") in await payments.processor_calls(payment_id)
     await _no_hold(bank)
+
+
+def test_a_reason_longer_than_the_ledger_takes_is_shortened_not_refused() -> None:
+    """An error's message becomes a payment's reason; a long one (seen in a chaos run,
+    under a processor outage) failed every workflow task, and the payment never closed."""
+    stop = _Stop("FAILED", "authorize", "the processor did not answer: " + "x" * 2_000)
+    assert len(stop.reason) == REASON_CHARS_MAX and stop.reason.endswith("…")
+    close = Close(
+        payment_id="p-long", status="FAILED", step="authorize", reason=stop.reason, actor="saga"
+    )
+    assert close.reason == stop.reason
+    assert _Stop("FAILED", "authorize", "short").reason == "short"

@@ -54,7 +54,7 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from ledger.events import event_id_for
+    from ledger.events import REASON_CHARS_MAX, event_id_for
     from ledger.money import format_amount
     from ledger.state_machine import TERMINAL_STATES
     from workflows.models import (
@@ -183,7 +183,12 @@ class _Stop(Exception):
         super().__init__(reason)
         self.status = status
         self.step = step
-        self.reason = reason
+        # A reason is often an error's message, which can be of any length; the ledger
+        # records at most REASON_CHARS_MAX characters (a longer one failed every workflow
+        # task of the payment, which then never closed: found by the chaos run).
+        self.reason = (
+            reason if len(reason) <= REASON_CHARS_MAX else reason[: REASON_CHARS_MAX - 1] + "…"
+        )
         self.declined_by = declined_by
         self.rule = rule
 
