@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import stat
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,7 +23,7 @@ from paysaga.db import read_passfile
 from paysaga.embedded_pg import EmbeddedPostgres
 from paysaga.temporal import find_binary
 from tests.harness.postgres import PostgresServer
-from tests.harness.stack import RunningStack, paysaga, wait_all_gone
+from tests.harness.stack import RunningStack, paysaga, private_stack, wait_all_gone
 from workflows.search_attributes import ALL_SEARCH_ATTRIBUTES
 
 pytestmark = pytest.mark.slow
@@ -38,17 +36,8 @@ SYSTEM_POSTGRES_URL = os.environ.get(
 
 @pytest.fixture
 def stack() -> Iterator[RunningStack]:
-    # Not pytest's tmp_path: it is private to us, and PostgreSQL's OS user (when we are
-    # root) must pass through. This directory is ours to open; the data directory inside
-    # is deep enough that the socket needs the fallback directory under /tmp.
-    root = Path(tempfile.mkdtemp(prefix="paysaga-stack-"))
-    root.chmod(0o711)
-    running = RunningStack.new(root / f"data-{'d' * 60}")
-    yield running
-    if running.process is not None and running.process.poll() is None:
-        running.stop(signal.SIGKILL)
-    shutil.rmtree(EmbeddedPostgres(running.data_dir / "pg").socket_dir, ignore_errors=True)
-    shutil.rmtree(root, ignore_errors=True)
+    with private_stack() as running:
+        yield running
 
 
 def _modes(paths: Iterator[Path] | list[Path]) -> dict[Path, tuple[int, int, int]]:

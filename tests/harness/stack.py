@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -17,6 +21,7 @@ from typing import IO
 import httpx
 import psutil
 
+from paysaga.embedded_pg import EmbeddedPostgres
 from paysaga.settings import Settings
 
 STARTUP_TIMEOUT_S = 90.0
@@ -162,3 +167,23 @@ def wait_all_gone(processes: list[psutil.Process], timeout_s: float = 15.0) -> l
     """Processes still alive (zombies count as gone) after the timeout."""
     _, alive = psutil.wait_procs(processes, timeout=timeout_s)
     return [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+@contextlib.contextmanager
+def private_stack(**env: str) -> Iterator[RunningStack]:
+    """A stack (not started) with a data directory of its own, killed and removed after.
+
+    Not pytest's tmp_path: it is private to us, and PostgreSQL's OS user (when we are
+    root) must pass through. This directory is ours to open; the data directory inside
+    is deep enough that the socket needs the fallback directory under /tmp.
+    """
+    root = Path(tempfile.mkdtemp(prefix="paysaga-stack-"))
+    root.chmod(0o711)
+    running = RunningStack.new(root / f"data-{'d' * 60}", **env)
+    try:
+        yield running
+    finally:
+        if running.process is not None and running.process.poll() is None:
+            running.stop(signal.SIGKILL)
+        shutil.rmtree(EmbeddedPostgres(running.data_dir / "pg").socket_dir, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
