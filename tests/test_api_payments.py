@@ -5,12 +5,19 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
+import uuid
+from datetime import timedelta
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
+from temporalio import workflow
+from temporalio.client import Client
+from temporalio.common import RetryPolicy
 from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 from api.app import create_app
+from api.idempotency import derived_id
 from ledger.store import EventStore
 from paysaga.settings import Settings
 from tests.harness.api import Api, serve
@@ -18,6 +25,7 @@ from tests.harness.ledger import fund
 from tests.harness.postgres import IsolatedDatabase
 from tests.harness.read_side import project
 from tests.harness.saga import wait_for
+from workflows.models import workflow_id_for
 
 PAYMENT = {"payer_account_id": "alice", "payee_account_id": "bob", "currency": "EUR"}
 
@@ -259,3 +267,47 @@ async def fund_more(api: Api, amount_minor: int) -> None:
 async def test_concurrent_reads_while_payments_run(bank: Api) -> None:
     responses = await asyncio.gather(*(bank.pay("alice", "bob", 10) for _ in range(5)))
     assert {r.json()["status"] for r in responses} == {"SETTLED"}
+
+
+@workflow.defn(name="UnreadablePayment")
+class UnreadablePayment:
+    """A workflow under a payment's id whose status query fails, as a worker's does when
+    it cannot replay the history to answer."""
+
+    @workflow.run
+    async def run(self) -> None:
+        await workflow.wait_condition(lambda: False)
+
+    @workflow.query
+    def status(self) -> None:
+        raise RuntimeError("Failed decoding arguments")
+
+
+async def test_a_payment_whose_status_query_fails_is_a_503_to_retry_not_a_500(
+    api: Api, store: EventStore, temporal_client: Client
+) -> None:
+    """Nothing in the ledger yet and a worker that cannot answer: the client is told to
+    retry, never a 500 (and never a 404, which would invite a second payment)."""
+    payment_id = derived_id("pay", "unreadable", str(uuid.uuid4()))
+    queue = f"unreadable-{uuid.uuid4()}"
+    # Unsandboxed: the sandbox would re-import this module, and its imports with it.
+    async with Worker(
+        temporal_client,
+        task_queue=queue,
+        workflows=[UnreadablePayment],
+        workflow_runner=UnsandboxedWorkflowRunner(),
+    ):
+        handle = await temporal_client.start_workflow(
+            UnreadablePayment.run,
+            id=workflow_id_for(payment_id),
+            task_queue=queue,
+            execution_timeout=timedelta(minutes=2),
+            retry_policy=RetryPolicy(maximum_attempts=1),
+        )
+        try:
+            response = await api.get(f"/v1/payments/{payment_id}")
+            assert response.status_code == 503, response.text
+            assert response.json()["code"] == "payment_state_unavailable"
+            assert response.headers["Retry-After"] == "1"
+        finally:
+            await handle.terminate("test over")

@@ -30,6 +30,7 @@ from temporalio.client import (
     Client,
     RPCTimeoutOrCancelledError,
     WorkflowFailureError,
+    WorkflowQueryFailedError,
     WorkflowQueryRejectedError,
     WorkflowUpdateFailedError,
 )
@@ -198,6 +199,15 @@ async def read_payment(store: EventStore, client: Client | None, payment_id: str
             live_state_unavailable = True
             log.info(
                 "live state unavailable, answering from the ledger", extra={"error": str(error)}
+            )
+        except WorkflowQueryFailedError as error:
+            # The worker could not answer: seen once when replaying a history to answer
+            # failed to decode a local activity's result (temporalio/sdk-python#1881). The
+            # ledger still knows the payment; never a 500 for what it can answer.
+            live_state_unavailable = True
+            log.warning(
+                "the payment's status query failed, answering from the ledger",
+                extra={"error": str(error)},
             )
     if ledger_view is None and live_state_unavailable:
         # A payment just accepted whose worker is down or slow: never a 404, which would
