@@ -373,6 +373,7 @@ def demo(
     settle anyway. Exits 1 if anything ended otherwise than expected.
     """
     from rich.markup import escape
+    from rich.text import Text
 
     from paysaga.demo import UP_DEFAULTS, DemoError, DemoOptions, render, run_demo, started_stack
 
@@ -415,7 +416,8 @@ def demo(
         else:
             out = Console(width=None if sys.stdout.isatty() else DEMO_TABLE_WIDTH)
             for renderable in render(result):
-                out.print(renderable)
+                # Lines of text (the UI's links) are never folded: a cut URL does not open.
+                out.print(renderable, soft_wrap=isinstance(renderable, Text))
         if up and keep_up:
             err.print(
                 f"the stack keeps running (API {settings.api_url}, log "

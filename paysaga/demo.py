@@ -874,7 +874,12 @@ def render(result: DemoResult) -> list[Any]:
     from rich.text import Text
 
     table = Table(title=f"paysaga demo {result.run_tag}", header_style="bold")
-    table.add_column("payment")
+    # Whole, in a narrow terminal too: the id is what to look for in the API and the UI.
+    table.add_column(
+        "payment",
+        no_wrap=True,
+        min_width=max(len(p.payment_id) for p in result.payments) if result.payments else None,
+    )
     table.add_column("summary")
     table.add_column("expected")
     table.add_column("actual")
@@ -907,19 +912,19 @@ def render(result: DemoResult) -> list[Any]:
             )
         )
         return out
-    links = Table(title="in the Temporal UI", show_header=False, box=None, padding=(0, 1))
-    links.add_column(style="bold")
-    links.add_column(overflow="fold")
-    for name, url in result.links.items():
-        links.add_row(name, url)
+    # One line each (printed with soft wrap): a URL cut in two no longer opens.
+    lines = list(result.links.items())
     for category in EXPECTED:
         first = next((p for p in result.by_category(category) if p.ui_url), None)
         if first is not None and first.ui_url is not None:
-            links.add_row(f"{first.summary} ({EXPECTED[category][1]})", first.ui_url)
+            lines.append((f"{first.summary} ({EXPECTED[category][1]})", first.ui_url))
     first_case = next((d for d in result.discrepancies if d.ui_url), None)
     if first_case is not None and first_case.ui_url is not None:
-        links.add_row(f"a discrepancy ({first_case.type})", first_case.ui_url)
-    out.append(links)
+        lines.append((f"a discrepancy ({first_case.type})", first_case.ui_url))
+    out.append(Text("In the Temporal UI:", style="bold"))
+    for name, url in lines:
+        out.append(Text(f"  {name}", style="bold"))
+        out.append(Text(f"    {url}"))
     return out
 
 

@@ -214,8 +214,9 @@ def test_the_statements_lies_are_open_discrepancies(
 def _playwright_or_skip() -> Any:
     if not CHROMIUM.exists():
         pytest.skip(
-            f"no Chromium at {CHROMIUM}: install it with `apt-get install chromium` (the "
-            "browser tests never download one)"
+            f"no Chromium at {CHROMIUM}: install it with `apt-get install chromium`, and "
+            "Playwright's Python package with pip install -e '.[dev]' (the browser tests "
+            "never download a browser)"
         )
     if importlib.util.find_spec("playwright") is None:
         pytest.skip("Playwright's Python package is missing: pip install -e '.[dev]'")
