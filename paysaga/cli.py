@@ -7,9 +7,11 @@ banners, errors) goes to stderr.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import re
 import sys
 import traceback
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -30,6 +32,8 @@ T = TypeVar("T")
 STATEMENT_TABLE_WIDTH_MAX = 400
 # How often `recon run` asks the workflow how far it got.
 RECON_POLL_S = 0.25
+# Width of `demo`'s tables when stdout is not a terminal: links stay on one line.
+DEMO_TABLE_WIDTH = 240
 
 app = typer.Typer(
     name="paysaga",
@@ -308,6 +312,120 @@ def recon_run(
     Console().print(table)
     for refused in report.ingested.refused:
         err.print(f"refused: {refused}")
+
+
+@app.command()
+def demo(
+    up: Annotated[
+        bool,
+        typer.Option(
+            "--up",
+            help="Start a stack first (`paysaga up`, with an approval threshold of 500.00 "
+            "and a risk limit of 5,000.00 unless the environment sets them); it keeps "
+            "running after the demo until Ctrl-C.",
+        ),
+    ] = False,
+    keep_up: Annotated[
+        bool,
+        typer.Option(
+            "--keep-up/--no-keep-up", help="With --up: keep the stack running after the demo."
+        ),
+    ] = True,
+    small: Annotated[
+        bool, typer.Option("--small", help="One payment of each kind (7), not the full day.")
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the outcome as JSON on stdout, not tables.")
+    ] = False,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key",
+            envvar="PAYSAGA_API_KEY",
+            help="A key with every scope (default: one is created as the schema owner).",
+        ),
+    ] = None,
+    prefix: Annotated[
+        str, typer.Option(help="Put before every account id (alice → <prefix>alice).")
+    ] = "",
+    ui_url: Annotated[
+        str | None,
+        typer.Option(
+            "--ui-url",
+            help="The Temporal UI's address (default: the dev server's, on "
+            "PAYSAGA_TEMPORAL_UI_PORT).",
+        ),
+    ] = None,
+    reconcile: Annotated[
+        bool,
+        typer.Option(
+            "--reconcile/--no-reconcile",
+            help="Drop a statement with discrepancies into the inbox and reconcile it.",
+        ),
+    ] = True,
+) -> None:
+    """A day of payments against a running stack: every outcome, a reconciliation, and
+    the Temporal UI's addresses to look at them.
+
+    Opens named accounts (reused by a later run) and funds them, then submits payments
+    that settle, are declined by the processor or by the risk rules, hit insufficient
+    funds, wait for approval, are cancelled while slow, or meet a flaky processor and
+    settle anyway. Exits 1 if anything ended otherwise than expected.
+    """
+    from rich.markup import escape
+    from rich.text import Text
+
+    from paysaga.demo import UP_DEFAULTS, DemoError, DemoOptions, render, run_demo, started_stack
+
+    if prefix and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,31}", prefix):
+        raise typer.BadParameter(
+            "up to 32 letters, digits, _ . : or -, starting with a letter or digit",
+            param_hint="--prefix",
+        )
+    if up:
+        for name, value in UP_DEFAULTS.items():
+            os.environ.setdefault(name, value)
+        get_settings.cache_clear()
+    settings = _settings()
+    options = DemoOptions(
+        size="small" if small else "full",
+        api_key=api_key,
+        prefix=prefix,
+        ui_url=ui_url,
+        reconcile=reconcile,
+    )
+
+    def say(line: str) -> None:
+        err.print(escape(line), highlight=False)
+
+    def go() -> Any:
+        try:
+            return asyncio.run(run_demo(settings, options, say))
+        except DemoError as error:
+            fail(escape(str(error)))
+
+    with contextlib.ExitStack() as stack_scope:
+        if up:
+            try:
+                stack = stack_scope.enter_context(started_stack(settings, say))
+            except DemoError as error:
+                fail(escape(str(error)))
+        result = go()
+        if as_json:
+            typer.echo(json.dumps(result.to_json()))
+        else:
+            out = Console(width=None if sys.stdout.isatty() else DEMO_TABLE_WIDTH)
+            for renderable in render(result):
+                # Lines of text (the UI's links) are never folded: a cut URL does not open.
+                out.print(renderable, soft_wrap=isinstance(renderable, Text))
+        if up and keep_up:
+            err.print(
+                f"the stack keeps running (API {settings.api_url}, log "
+                f"{stack.log_path}); Ctrl-C stops it"
+            )
+            stack.wait()
+    if not result.ok:
+        raise typer.Exit(1)
 
 
 @app.command()
