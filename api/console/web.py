@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -45,7 +45,9 @@ SECURITY_HEADERS = {
     "Content-Security-Policy": CONTENT_SECURITY_POLICY,
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    # same-origin, not no-referrer: under no-referrer Chromium sends `Origin: null` with
+    # a form POST, which the CSRF check (rightly) refuses.
+    "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
     "Cross-Origin-Opener-Policy": "same-origin",
 }
@@ -108,7 +110,10 @@ def short_hash(value: bytes) -> str:
 
 
 def instant(value: datetime | None) -> str:
-    return "-" if value is None else value.isoformat(timespec="seconds")
+    """`2026-11-24 12:31:20 UTC`: every time on the console in UTC, to the second."""
+    if value is None:
+        return "-"
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def query(**params: Any) -> str:
