@@ -41,7 +41,6 @@ TEMPORAL_UI = "http://127.0.0.1:8233"
 APPROVAL_THRESHOLD_MINOR = 5_000
 SETTLE_TIMEOUT_S = 30.0
 PAGE_TIMEOUT_MS = 15_000
-VIEWPORT = {"width": 1360, "height": 560}
 
 pytestmark = pytest.mark.slow
 
@@ -174,7 +173,7 @@ async def test_an_operator_logs_in_and_approves_a_waiting_payment_which_then_set
             executable_path=str(CHROMIUM), args=["--no-sandbox"]
         )
         try:
-            context = await browser.new_context(viewport=VIEWPORT)
+            context = await browser.new_context(viewport={"width": 1360, "height": 560})
             context.set_default_timeout(PAGE_TIMEOUT_MS)
             page = await context.new_page()
 
