@@ -609,16 +609,23 @@ _ACCOUNT = text(
     "WHERE a.account_id = :id"
 )
 
-# One page of accounts by primary key, each position summed over its stripes by a seek
-# of its own (the view's GROUP BY is on account_id, so the join key is pushed into it).
+# One page of accounts by primary key. The positions are summed over their stripes for
+# that page alone: the `= ANY` condition on the view's grouping key is pushed into it as an
+# index scan of `positions` (a plain join would aggregate every account's rows first).
 _ACCOUNTS_PAGE = text(
-    "SELECT a.kind, a.metadata, a.opened_seq, e.recorded_at AS opened_at, "
-    f"{_POSITION_COLUMNS} FROM ("
-    "SELECT * FROM accounts WHERE account_id > :after ORDER BY account_id LIMIT :limit) a "
-    "CROSS JOIN LATERAL ("
-    "SELECT * FROM account_positions v WHERE v.account_id = a.account_id) p "
-    "JOIN events e ON e.global_seq = a.opened_seq "
-    "ORDER BY a.account_id"
+    """
+    WITH page AS MATERIALIZED (
+        SELECT account_id, kind, metadata, opened_seq FROM accounts
+         WHERE account_id > :after ORDER BY account_id LIMIT :limit)
+    SELECT a.kind, a.metadata, a.opened_seq, e.recorded_at AS opened_at, """
+    + _POSITION_COLUMNS
+    + """
+      FROM page a
+      JOIN account_positions p ON p.account_id = a.account_id
+      JOIN events e ON e.global_seq = a.opened_seq
+     WHERE p.account_id = ANY (ARRAY(SELECT account_id FROM page))
+     ORDER BY a.account_id
+    """
 )
 
 

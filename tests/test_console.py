@@ -434,6 +434,22 @@ async def test_accounts_statements_and_a_payments_audit_trail_render_verified(
         assert (await browser.get("/console/payments/pay-nothing0000")).status_code == 404
 
 
+async def test_the_accounts_list_pages_by_id_with_each_position_as_the_ledger_holds_it(
+    console: Console,
+) -> None:
+    first = await console.store.list_accounts(after_id=None, limit=2)
+    rest = await console.store.list_accounts(after_id=first[-1].account_id, limit=500)
+    listed = [a.account_id for a in first + rest]
+    assert listed == sorted(listed) == ["alice", "bob", "fees", "world-eur"]
+    for account in first + rest:
+        assert account == await console.store.get_account(account.account_id)
+    with pytest.raises(ValueError, match="limit"):
+        await console.store.list_accounts(after_id=None, limit=501)
+    async with console.logged_in() as browser:
+        bad = await browser.get("/console/accounts", params={"after": "<script>"})
+        assert bad.status_code == 400
+
+
 async def test_a_tampered_event_is_marked_on_its_audit_trail(console: Console) -> None:
     payment_id = await console.waiting_payment(5_500)
     await seal_until_everything_is_sealed(console.store)
