@@ -303,7 +303,7 @@ async def test_every_form_refuses_a_missing_or_wrong_csrf_token_and_changes_noth
             ("/console/payments/{p}/approve", {"csrf": csrf}, {"origin": "https://evil.example"}),
             ("/console/payments/{p}/approve", {"csrf": csrf}, {"sec-fetch-site": "cross-site"}),
             ("/console/payments/{p}/reject", {"reason": "no invoice"}, {}),
-            ("/console/payments/{p}/reject", {"reason": "x", "csrf": csrf[:-1] + "0"}, {}),
+            ("/console/payments/{p}/reject", {"reason": "x", "csrf": _one_digit_off(csrf)}, {}),
             (f"/console/discrepancies/{uuid.uuid4()}/resolve", {"resolution": "accepted"}, {}),
             ("/console/logout", {}, {}),
         ]
@@ -327,6 +327,10 @@ async def test_every_form_refuses_a_missing_or_wrong_csrf_token_and_changes_noth
     assert await console.status(payment_id) == "PENDING_APPROVAL"
     assert "PaymentApproved" not in await console.event_types(payment_id)
     assert "PaymentRejected" not in await console.event_types(payment_id)
+
+
+def _one_digit_off(token: str) -> str:
+    return token[:-1] + ("1" if token[-1] == "0" else "0")
 
 
 # --- the pages, with real data --------------------------------------------------------------
