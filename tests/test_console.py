@@ -532,6 +532,19 @@ async def test_runs_and_open_discrepancies_show_and_resolve_through_the_workflow
             data={"csrf": csrf, "resolution": "posted_capture", "note": "x"},
         )
         assert not_ours.status_code == 422
+        nul = await browser.post(
+            f"/console/discrepancies/{ids[0]}/resolve",
+            data={"csrf": csrf, "resolution": "written_off", "note": "a\x00b"},
+        )
+        assert nul.status_code == 422 and "U+0000" in nul.text
+        # The JSON API refuses it too (it used to hang: the workflow's append failed).
+        api_nul = await console.api.post(
+            f"/v1/discrepancies/{ids[0]}/resolve",
+            {"resolution": "written_off", "note": "a\x00b"},
+            caller="ops",
+            idempotency_key=None,
+        )
+        assert api_nul.status_code == 422, api_nul.text
         resolved = await browser.post(
             f"/console/discrepancies/{ids[0]}/resolve",
             data={"csrf": csrf, "resolution": "written_off", "note": "a test line"},

@@ -38,7 +38,7 @@ from api.console.web import (
     security_headers,
 )
 from api.deps import get_temporal
-from api.models import ApproveIn, RejectIn
+from api.models import ApproveIn, RejectIn, unstorable_path
 from api.problems import ProblemError
 from api.routers import accounts as accounts_api
 from api.routers import payments as payments_api
@@ -146,6 +146,14 @@ async def _form(request: Request) -> dict[str, str]:
         if isinstance(value, UploadFile):
             raise ConsoleError(400, "Bad form", "this form takes no files")
         fields[name] = value
+    # The API's rule for every string: what PostgreSQL cannot store (NUL, lone
+    # surrogates) is refused here, before it could reach a workflow or the ledger.
+    unstorable = unstorable_path(fields)
+    if unstorable is not None:
+        where, character = unstorable
+        raise ConsoleError(
+            422, "Invalid input", f"{where} contains {character}, which cannot be stored"
+        )
     return fields
 
 
