@@ -16,7 +16,7 @@ from temporalio.client import Client
 
 from api import openapi_links, problems
 from api.metrics import ApiMetrics, MetricsServer
-from api.routers import accounts, events, health, payments, reconciliation, risk
+from api.routers import accounts, console, events, health, payments, reconciliation, risk
 from api.routers.reconciliation import STATEMENT_BYTES_MAX
 from ledger.store import EventStore
 from paysaga.db import open_store, service_urls
@@ -177,5 +177,6 @@ def create_app(
     app.include_router(events.router)
     app.include_router(risk.router)
     app.include_router(reconciliation.router)
+    console.install(app)
     openapi_links.install(app)
     return app

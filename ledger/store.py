@@ -54,6 +54,7 @@ log = logging.getLogger("paysaga.ledger")
 APPEND_ATTEMPTS_MAX = 5
 APPEND_BACKOFF_S_MAX = 0.5
 READ_LIMIT_MAX = 10_000
+ACCOUNTS_PAGE_MAX = 500
 SEQ_MAX = 2**63 - 1
 SEAL_EVENTS_MAX = 10_000
 # How long a reader waits for the safe horizon to cover what it could already see.
@@ -86,6 +87,9 @@ _APPEND = """
 """
 _READ_STREAM = text(
     f"SELECT {_EVENT_COLUMNS} FROM events WHERE stream_id = :stream_id ORDER BY stream_version"
+)
+_STREAM_OPENINGS = text(
+    f"SELECT {_EVENT_COLUMNS} FROM events WHERE stream_id = ANY(:ids) AND stream_version = 1"
 )
 _READ_RANGE = text(
     f"SELECT {_EVENT_COLUMNS} FROM events WHERE global_seq > :after_seq "
@@ -442,6 +446,15 @@ class EventStore:
         """A stream's events in order."""
         return [_recorded(row) for row in await self._fetch(_READ_STREAM, {"stream_id": stream_id})]
 
+    async def stream_openings(self, stream_ids: Sequence[str]) -> dict[str, RecordedEvent]:
+        """The first event of each of `stream_ids` that has one: one seek per stream."""
+        if not stream_ids:
+            return {}
+        if len(stream_ids) > READ_LIMIT_MAX:
+            raise ValueError(f"at most {READ_LIMIT_MAX} streams at once")
+        rows = await self._fetch(_STREAM_OPENINGS, {"ids": list(stream_ids)})
+        return {row.stream_id: _recorded(row) for row in rows}
+
     async def read_range(
         self, *, after_seq: int = 0, limit: int = 1000, up_to: int = SEQ_MAX
     ) -> list[RecordedEvent]:
@@ -525,19 +538,15 @@ class EventStore:
 
     async def get_account(self, account_id: str) -> Account | None:
         rows = await self._fetch(_ACCOUNT, {"id": account_id})
-        if not rows:
-            return None
-        row = rows[0]
-        return Account(
-            account_id=row.account_id,
-            currency=row.currency,
-            kind=row.kind,
-            overdraft_limit_minor=row.overdraft_limit_minor,
-            metadata=row.metadata,
-            opened_seq=row.opened_seq,
-            opened_at=row.opened_at,
-            position=_position(row),
-        )
+        return _account(rows[0]) if rows else None
+
+    async def list_accounts(self, *, after_id: str | None, limit: int) -> list[Account]:
+        """Accounts in id order after `after_id`, at most `limit`, each with its position
+        as of every committed append (strongly consistent, like `get_account`)."""
+        if not 1 <= limit <= ACCOUNTS_PAGE_MAX:
+            raise ValueError(f"limit must be 1 to {ACCOUNTS_PAGE_MAX}, not {limit}")
+        rows = await self._fetch(_ACCOUNTS_PAGE, {"after": after_id or "", "limit": limit})
+        return [_account(row) for row in rows]
 
     async def open_payments(self, *, idle_s: float, limit: int) -> list[OpenPayment]:
         """Payment streams with no terminal event, idle for `idle_s` or more, oldest first."""
@@ -598,6 +607,25 @@ _ACCOUNT = text(
     "JOIN account_positions p USING (account_id) "
     "JOIN events e ON e.global_seq = a.opened_seq "
     "WHERE a.account_id = :id"
+)
+
+# One page of accounts by primary key. The positions are summed over their stripes for
+# that page alone: the `= ANY` condition on the view's grouping key is pushed into it as an
+# index scan of `positions` (a plain join would aggregate every account's rows first).
+_ACCOUNTS_PAGE = text(
+    """
+    WITH page AS MATERIALIZED (
+        SELECT account_id, kind, metadata, opened_seq FROM accounts
+         WHERE account_id > :after ORDER BY account_id LIMIT :limit)
+    SELECT a.kind, a.metadata, a.opened_seq, e.recorded_at AS opened_at, """
+    + _POSITION_COLUMNS
+    + """
+      FROM page a
+      JOIN account_positions p ON p.account_id = a.account_id
+      JOIN events e ON e.global_seq = a.opened_seq
+     WHERE p.account_id = ANY (ARRAY(SELECT account_id FROM page))
+     ORDER BY a.account_id
+    """
 )
 
 
@@ -683,6 +711,19 @@ def _recorded(row: Any) -> RecordedEvent:
         recorded_at=row.recorded_at,
         prev_hash=bytes(row.prev_hash),
         hash=bytes(row.hash),
+    )
+
+
+def _account(row: Any) -> Account:
+    return Account(
+        account_id=row.account_id,
+        currency=row.currency,
+        kind=row.kind,
+        overdraft_limit_minor=row.overdraft_limit_minor,
+        metadata=row.metadata,
+        opened_seq=row.opened_seq,
+        opened_at=row.opened_at,
+        position=_position(row),
     )
 
 

@@ -106,6 +106,14 @@ class Settings(BaseSettings):
     temporal_ui_port: int = Field(
         default=8233, ge=1, le=65535, description="PAYSAGA_TEMPORAL_UI_PORT: the dev server's UI."
     )
+    temporal_ui: str | None = Field(
+        default=None,
+        pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
+        max_length=200,
+        description="PAYSAGA_TEMPORAL_UI: where operators open the Temporal UI "
+        "(http://host:port), for the console's links when Temporal runs elsewhere. Unset: "
+        "the dev server's UI, or no links with TEMPORAL_ADDRESS.",
+    )
     task_queue: str = Field(default=DEFAULT_TASK_QUEUE, description="PAYSAGA_TASK_QUEUE")
 
     # --- Worker -----------------------------------------------------------------------
@@ -369,6 +377,22 @@ class Settings(BaseSettings):
         "block; an event is sealed within about two intervals of its commit.",
     )
 
+    # --- Operations console (/console) -------------------------------------------------
+    console_session_idle_s: int = Field(
+        default=900,
+        ge=60,
+        le=86_400,
+        description="PAYSAGA_CONSOLE_SESSION_IDLE_S: a console session with no request for "
+        "this long is over; the operator logs in again.",
+    )
+    console_session_max_s: int = Field(
+        default=8 * 3_600,
+        ge=300,
+        le=7 * 86_400,
+        description="PAYSAGA_CONSOLE_SESSION_MAX_S: a console session ends this long after "
+        "its login, however busy.",
+    )
+
     # --- Logging ----------------------------------------------------------------------
     log_level: str = Field(default="INFO", description="PAYSAGA_LOG_LEVEL")
     log_json: bool = Field(
@@ -439,6 +463,8 @@ class Settings(BaseSettings):
 
     @property
     def temporal_ui_url(self) -> str | None:
+        if self.temporal_ui is not None:
+            return self.temporal_ui.rstrip("/")
         return f"http://127.0.0.1:{self.temporal_ui_port}" if self.uses_dev_temporal else None
 
     @property

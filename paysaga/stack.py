@@ -213,6 +213,7 @@ def banner(settings: Settings, started_s: float) -> Panel:
     table.add_column(style="bold")
     table.add_column()
     table.add_row("API", f"{settings.api_url}   docs {settings.api_url}/docs")
+    table.add_row("Console", f"{settings.api_url}/console   (an API key with the ops scope)")
     table.add_row("Metrics", settings.metrics_url)
     if settings.temporal_ui_url:
         table.add_row("Temporal UI", settings.temporal_ui_url)

@@ -284,3 +284,48 @@ async def daily_counts(
     """Per value date: the lines this run matched, and each type of discrepancy it found."""
     cursor = await conn.execute(_DAILY, {"run": run_id})
     return [(row[0], str(row[1]), int(row[2])) for row in await cursor.fetchall()]
+
+
+# Runs listed per page at most.
+RUNS_LIMIT_MAX = 200
+
+
+async def list_runs(
+    conn: psycopg.AsyncConnection[Any], *, before: tuple[datetime, str] | None, limit: int
+) -> list[RunRow]:
+    """Runs, newest first; `before` is the (started_at, run_id) of the last row seen."""
+    limit = min(limit, RUNS_LIMIT_MAX)
+    where = "WHERE (started_at, run_id) < (%(at)s, %(id)s)" if before is not None else ""
+    async with conn.cursor(row_factory=dict_row) as cursor:
+        await cursor.execute(
+            "SELECT run_id, kind, status, started_at, finished_at, coalesce(counts, '{}') AS counts"
+            f" FROM recon.runs {where} ORDER BY started_at DESC, run_id DESC LIMIT %(limit)s",
+            {
+                "at": before[0] if before else None,
+                "id": before[1] if before else None,
+                "limit": limit,
+            },
+        )
+        return [RunRow(**row) for row in await cursor.fetchall()]
+
+
+@dataclass(frozen=True)
+class SealVerification:
+    """How far reconciliation last verified the seal, and when."""
+
+    run_id: str
+    block_no: int
+    last_seq: int
+    full_run: bool
+    verified_at: datetime
+
+
+async def latest_seal_verification(conn: psycopg.AsyncConnection[Any]) -> SealVerification | None:
+    """The newest verification of the seal that a reconciliation run recorded."""
+    async with conn.cursor(row_factory=dict_row) as cursor:
+        await cursor.execute(
+            "SELECT run_id, block_no, last_seq, full_run, verified_at "
+            "FROM recon.seal_verifications ORDER BY block_no DESC, verified_at DESC LIMIT 1"
+        )
+        row = await cursor.fetchone()
+    return None if row is None else SealVerification(**row)

@@ -25,12 +25,13 @@ from typing import Annotated, Any, Literal
 import psycopg
 from fastapi import APIRouter, File, Path, Query, Request, Response, UploadFile
 from fastapi.responses import HTMLResponse
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 from temporalio.client import WorkflowExecutionStatus, WorkflowUpdateFailedError
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
 from api.deps import OpsKey, SettingsDep, TemporalDep, get_temporal
+from api.models import refuse_unstorable
 from api.problems import COMMON_RESPONSES, ProblemError
 from api.report import DayCount, ReportDiscrepancy, ReportRun, render_report
 from ledger.db import to_libpq_url
@@ -403,7 +404,9 @@ async def list_discrepancies(
 
 class ResolveIn(BaseModel):
     resolution: OperatorResolution
-    note: Reason
+    # A NUL reached the workflow, whose ledger append then failed and was retried for
+    # ever: the resolve call never answered. Refused here, as every request body does.
+    note: Annotated[Reason, AfterValidator(refuse_unstorable)]
 
 
 class ResolvedOut(BaseModel):
