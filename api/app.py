@@ -20,7 +20,7 @@ from api.routers import accounts, events, health, payments, reconciliation, risk
 from api.routers.reconciliation import STATEMENT_BYTES_MAX
 from ledger.store import EventStore
 from paysaga.db import open_store, service_urls
-from paysaga.logs import request_id_var
+from paysaga.logs import request_id_var, request_ids_var
 from paysaga.settings import Settings, get_settings
 from paysaga.temporal import LazyClient
 
@@ -87,6 +87,8 @@ async def request_context(
     incoming = request.headers.get(REQUEST_ID_HEADER, "")
     request_id = incoming if _REQUEST_ID_PATTERN.match(incoming) else str(uuid.uuid4())
     token = request_id_var.set(request_id)
+    bound: dict[str, str] = {}
+    bound_token = request_ids_var.set(bound)
     started = time.perf_counter()
     status = 500
     try:
@@ -105,8 +107,11 @@ async def request_context(
                 "status": status,
                 "duration_ms": round((time.perf_counter() - started) * 1000, 1),
                 "api_key_id": getattr(request.state, "api_key_id", None),
+                # The payment (and its workflow) the route was about, if any.
+                **bound,
             },
         )
+        request_ids_var.reset(bound_token)
         request_id_var.reset(token)
 
 
