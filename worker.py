@@ -39,6 +39,7 @@ from ledger.store import EventStore
 from paysaga.db import open_store, service_urls
 from paysaga.reconciliation import watch_inbox
 from paysaga.settings import DEFAULT_TASK_QUEUE, Settings
+from paysaga.telemetry import sdk_runtime, tracer_provider, tracing_interceptors, worker_metrics_url
 from paysaga.temporal import connect
 from recon.rules import MatchRules
 from workflows.diagnostics import PingWorkflow
@@ -269,7 +270,12 @@ async def _ensure_schedule(client: Client, schedule_id: str, schedule: Schedule)
 
 async def run_worker(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
-    client = await connect(settings)
+    # The SDK's metrics and the tracing interceptor belong to the client, so to every
+    # worker built on it. One runtime per process: this runs once per process.
+    tracing = tracer_provider(settings, "worker")
+    client = await connect(
+        settings, runtime=sdk_runtime(settings), interceptors=tracing_interceptors(tracing)
+    )
     # One connection per concurrent local activity is all the ledger can use.
     store = await open_store(
         service_urls(settings), pool_size=min(settings.worker_local_activities_max, 32)
@@ -294,7 +300,16 @@ async def run_worker(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     log.info(
         "worker started",
-        extra={"task_queue": settings.task_queue, "namespace": settings.temporal_namespace},
+        extra={
+            "task_queue": settings.task_queue,
+            "namespace": settings.temporal_namespace,
+            "sdk_metrics_url": (
+                worker_metrics_url(settings.worker_metrics_host, settings.worker_metrics_port)
+                if settings.worker_metrics_port is not None
+                else None
+            ),
+            "tracing": settings.tracing,
+        },
     )
     inbox = asyncio.create_task(watch_inbox(client, settings, stop))
     try:
@@ -304,6 +319,9 @@ async def run_worker(settings: Settings) -> None:
     finally:
         await inbox
         await store.close()
+        if tracing is not None:
+            # The last batch of spans; the process then leaves through os._exit.
+            await asyncio.to_thread(tracing.shutdown)
     log.info("worker stopped")
 
 

@@ -9,6 +9,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -20,9 +21,13 @@ from api.routers import accounts, console, events, health, payments, reconciliat
 from api.routers.reconciliation import STATEMENT_BYTES_MAX
 from ledger.store import EventStore
 from paysaga.db import open_store, service_urls
-from paysaga.logs import request_id_var
+from paysaga.logs import request_id_var, request_ids_var
 from paysaga.settings import Settings, get_settings
+from paysaga.telemetry import instrument_api, tracer_provider, tracing_interceptors
 from paysaga.temporal import LazyClient
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 log = logging.getLogger("paysaga.api")
 
@@ -87,6 +92,8 @@ async def request_context(
     incoming = request.headers.get(REQUEST_ID_HEADER, "")
     request_id = incoming if _REQUEST_ID_PATTERN.match(incoming) else str(uuid.uuid4())
     token = request_id_var.set(request_id)
+    bound: dict[str, str] = {}
+    bound_token = request_ids_var.set(bound)
     started = time.perf_counter()
     status = 500
     try:
@@ -105,8 +112,11 @@ async def request_context(
                 "status": status,
                 "duration_ms": round((time.perf_counter() - started) * 1000, 1),
                 "api_key_id": getattr(request.state, "api_key_id", None),
+                # The payment (and its workflow) the route was about, if any.
+                **bound,
             },
         )
+        request_ids_var.reset(bound_token)
         request_id_var.reset(token)
 
 
@@ -127,17 +137,25 @@ def create_app(
     *,
     store: EventStore | None = None,
     temporal_client: Client | None = None,
+    tracing: TracerProvider | None = None,
 ) -> FastAPI:
-    """The app. Tests pass their own store and client; `paysaga api` passes neither."""
+    """The app. Tests pass their own store and client (and tracer provider, whose spans
+    the client's interceptor must then share); `paysaga api` passes none of them, and
+    tracing follows PAYSAGA_TRACING."""
     settings = settings or get_settings()
     owns_store = store is None
+    owns_tracing = tracing is None
+    if tracing is None:
+        tracing = tracer_provider(settings, "api")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.store = store or await open_store(
             service_urls(settings), pool_size=settings.db_pool_size
         )
-        app.state.temporal = LazyClient(settings, temporal_client)
+        app.state.temporal = LazyClient(
+            settings, temporal_client, interceptors=tracing_interceptors(tracing)
+        )
         apart = settings.metrics_address
         metrics_server = MetricsServer(app.state.metrics.registry, *apart) if apart else None
         refresher = asyncio.create_task(_refresh_payment_metrics(app))
@@ -151,6 +169,9 @@ def create_app(
                 await refresher
             if owns_store:
                 await app.state.store.close()
+            if owns_tracing and tracing is not None:
+                # The last batch of spans; `paysaga api` then leaves through os._exit.
+                await asyncio.to_thread(tracing.shutdown)
 
     app = FastAPI(
         title="paysaga",
@@ -179,4 +200,6 @@ def create_app(
     app.include_router(reconciliation.router)
     console.install(app)
     openapi_links.install(app)
+    if tracing is not None:
+        instrument_api(app, tracing)
     return app

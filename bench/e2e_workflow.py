@@ -15,6 +15,12 @@ bench/results/e2e_workflow-<time>.json.
     .venv/bin/python bench/e2e_workflow.py --payments 400 --concurrency 32
     .venv/bin/python bench/e2e_workflow.py --ledger-activities regular   # compare
     .venv/bin/python bench/e2e_workflow.py --capture-activity regular    # compare
+    .venv/bin/python bench/e2e_workflow.py --sdk-metrics --tracing      # what they cost
+
+`--sdk-metrics` runs floor and saga on a client whose runtime serves the SDK's Prometheus
+metrics (as `paysaga up`'s workers do); `--tracing` gives that client the tracing
+interceptor, its spans exported in batches to /dev/null (PAYSAGA_TRACING's cost, minus
+the exporter's own I/O).
 """
 
 from __future__ import annotations
@@ -24,8 +30,10 @@ import asyncio
 import json
 import os
 import platform
+import socket
 import sys
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,17 +44,30 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from temporalio.client import Client  # noqa: E402
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider  # noqa: E402
+from opentelemetry.sdk.trace.export import (  # noqa: E402
+    BatchSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
+from temporalio.client import Client, Interceptor  # noqa: E402
 
 from bench.common import Run, drive, local_servers, run_floor  # noqa: E402
 from ledger.events import AccountOpened  # noqa: E402
 from ledger.store import EventStore  # noqa: E402
 from paysaga.payments import start_payment  # noqa: E402
 from paysaga.settings import Settings  # noqa: E402
+from paysaga.telemetry import SPAN_EXPORT_DELAY_MS, sdk_runtime, tracing_interceptors  # noqa: E402
 from worker import build_worker, payment_activities  # noqa: E402
 from workflows.models import PaymentPolicy, PaymentRequest  # noqa: E402
 
 console = Console(stderr=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 async def open_bench_accounts(store: EventStore, payers: int) -> None:
@@ -105,6 +126,38 @@ async def run_saga(
         return await drive(name, n, c, one)
 
 
+class SerializedAway(SpanExporter):
+    """An exporter that does the console exporter's work, JSON per span, and drops it."""
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        for span in spans:
+            span.to_json(indent=None)
+        return SpanExportResult.SUCCESS
+
+
+async def observed_client(client: Client, sdk_metrics: bool, tracing: bool) -> Client:
+    """`client` itself, or one on the same server with the SDK's metrics and/or tracing."""
+    if not (sdk_metrics or tracing):
+        return client
+    runtime = None
+    if sdk_metrics:
+        runtime = sdk_runtime(Settings(_env_file=None, worker_metrics_port=free_port()))
+    interceptors: Sequence[Interceptor] = ()
+    if tracing:
+        provider = TracerProvider()
+        provider.add_span_processor(
+            BatchSpanProcessor(SerializedAway(), schedule_delay_millis=SPAN_EXPORT_DELAY_MS)
+        )
+        interceptors = tracing_interceptors(provider)
+    return await Client.connect(
+        client.service_client.config.target_host,
+        namespace=client.namespace,
+        data_converter=client.data_converter,
+        runtime=runtime,
+        interceptors=interceptors,
+    )
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--payments", type=int, default=300)
@@ -113,6 +166,8 @@ async def main() -> None:
     parser.add_argument(
         "--capture-activity", choices=("local", "regular"), default=PaymentPolicy().capture_activity
     )
+    parser.add_argument("--sdk-metrics", action="store_true")
+    parser.add_argument("--tracing", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     n, c = args.payments, args.concurrency
@@ -123,10 +178,11 @@ async def main() -> None:
 
     async with local_servers("paysaga-e2e-") as servers:
         await open_bench_accounts(servers.store, c)
+        client = await observed_client(servers.client, args.sdk_metrics, args.tracing)
         console.print(f"floor: {n} workflows, {c} at a time")
-        floor = await run_floor(servers.client, settings, n, c)
+        floor = await run_floor(client, settings, n, c)
         console.print(f"saga: {n} payments, {c} at a time")
-        saga = await run_saga(servers.client, servers.store, settings, policy, n, c)
+        saga = await run_saga(client, servers.store, settings, policy, n, c)
 
     ratio = round(saga.per_s / floor.per_s, 3)
     table = Table(title="PaymentWorkflow vs the floor (dev server, SQLite file)")
@@ -159,6 +215,8 @@ async def main() -> None:
                 "ratio": ratio,
                 "ledger_activities": args.ledger_activities,
                 "capture_activity": args.capture_activity,
+                "sdk_metrics": args.sdk_metrics,
+                "tracing": args.tracing,
             },
             indent=2,
         )

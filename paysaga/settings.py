@@ -8,6 +8,7 @@ share keep their conventional names: `DATABASE_URL`, `DATABASE_APP_URL`,
 
 from __future__ import annotations
 
+import importlib.util
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -33,8 +34,17 @@ _ANY_HOST = frozenset({"0.0.0.0", "::", ""})
 
 
 DEFAULT_TASK_QUEUE = "payments"
+# PAYSAGA_TRACING=otlp sends spans over OTLP/HTTP with this optional package's exporter.
+OTLP_EXPORTER_MODULE = "opentelemetry.exporter.otlp.proto.http.trace_exporter"
 # Worker processes `paysaga up` may run; each is a Python process with its own pollers.
 WORKERS_MAX = 8
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
 
 
 class Settings(BaseSettings):
@@ -135,6 +145,20 @@ class Settings(BaseSettings):
         "worker within a second, and each more costs a Python process and its pollers on a "
         "small machine. Two let the other take over at once while one is down (the "
         "reliability suite runs two).",
+    )
+    worker_metrics_host: str = Field(
+        default="127.0.0.1",
+        description="PAYSAGA_WORKER_METRICS_HOST: the interface of PAYSAGA_WORKER_METRICS_PORT.",
+    )
+    worker_metrics_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="PAYSAGA_WORKER_METRICS_PORT: a worker serves the Temporal SDK's own "
+        "Prometheus metrics (workflow and activity completions, latencies, slots, polls) "
+        "at /metrics on this port. `paysaga up` gives its workers this port and the next "
+        "ones (`worker-2` gets port + 1, ...); unset, it picks free ports and shows them. "
+        "Unset for `paysaga worker`: none.",
     )
     worker_shutdown_grace_s: int = Field(
         default=20,
@@ -393,6 +417,16 @@ class Settings(BaseSettings):
         "its login, however busy.",
     )
 
+    # --- Tracing ----------------------------------------------------------------------
+    tracing: Literal["off", "console", "otlp"] = Field(
+        default="off",
+        description="PAYSAGA_TRACING: OpenTelemetry spans for every request, payment "
+        "workflow and activity, one trace from the HTTP request to the last activity. "
+        "`off` (no tracing code runs), `console` (one JSON span per line on stdout), or "
+        "`otlp` (needs `pip install 'paysaga[otlp]'`; the exporter reads the standard "
+        "OTEL_EXPORTER_OTLP_* variables).",
+    )
+
     # --- Logging ----------------------------------------------------------------------
     log_level: str = Field(default="INFO", description="PAYSAGA_LOG_LEVEL")
     log_json: bool = Field(
@@ -415,6 +449,33 @@ class Settings(BaseSettings):
         if self.metrics_port == self.api_port and (len(hosts) == 1 or hosts & _ANY_HOST):
             raise ValueError(
                 "PAYSAGA_METRICS_PORT must differ from PAYSAGA_API_PORT on the same interface"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _worker_metrics_ports_exist(self) -> Settings:
+        if self.worker_metrics_port is None:
+            return self
+        last = self.worker_metrics_port + self.workers - 1
+        if last > 65535:
+            raise ValueError(
+                f"PAYSAGA_WORKER_METRICS_PORT {self.worker_metrics_port} leaves no port for "
+                f"each of the {self.workers} workers (the last would be {last})"
+            )
+        taken = {self.api_port, self.metrics_port}
+        if taken & set(range(self.worker_metrics_port, last + 1)):
+            raise ValueError(
+                "PAYSAGA_WORKER_METRICS_PORT (one port per worker) must not include "
+                "PAYSAGA_API_PORT or PAYSAGA_METRICS_PORT"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _otlp_needs_its_exporter(self) -> Settings:
+        if self.tracing == "otlp" and not _importable(OTLP_EXPORTER_MODULE):
+            raise ValueError(
+                "PAYSAGA_TRACING=otlp needs the OTLP exporter: pip install 'paysaga[otlp]' "
+                "(or set PAYSAGA_TRACING=console or off)"
             )
         return self
 

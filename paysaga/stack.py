@@ -17,7 +17,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +37,7 @@ from paysaga.db import (
 from paysaga.embedded_pg import EmbeddedPostgres
 from paysaga.settings import Settings
 from paysaga.supervisor import ServiceSpec, Supervisor
+from paysaga.telemetry import worker_metrics_url
 from paysaga.temporal import connect, dev_server_argv, ensure_search_attributes
 
 STARTUP_TIMEOUT_S = 90.0
@@ -83,7 +84,33 @@ def ports_needed(settings: Settings) -> list[PortNeed]:
                 "PAYSAGA_TEMPORAL_UI_PORT",
             ),
         ]
+    if settings.worker_metrics_port is not None:
+        needs += [
+            PortNeed(
+                port,
+                settings.worker_metrics_host,
+                f"the metrics of {name}",
+                "PAYSAGA_WORKER_METRICS_PORT",
+            )
+            for name, port in zip(
+                worker_names(settings), worker_metrics_ports(settings), strict=True
+            )
+        ]
     return needs
+
+
+def worker_metrics_ports(settings: Settings) -> list[int]:
+    """The port each worker (`worker_names`) serves the SDK's metrics on: from
+    PAYSAGA_WORKER_METRICS_PORT on, else free ones picked now."""
+    if settings.worker_metrics_port is not None:
+        first = settings.worker_metrics_port
+        return [first + n for n in range(settings.workers)]
+    ports = []
+    for _ in range(settings.workers):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((settings.worker_metrics_host, 0))
+            ports.append(int(sock.getsockname()[1]))
+    return ports
 
 
 def check_ports_free(settings: Settings) -> None:
@@ -208,13 +235,18 @@ async def _wait_until(check: Callable[[], bool], what: str, timeout_s: float) ->
         await asyncio.sleep(0.1)
 
 
-def banner(settings: Settings, started_s: float) -> Panel:
+def banner(settings: Settings, started_s: float, worker_metrics: Sequence[int] = ()) -> Panel:
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold")
     table.add_column()
     table.add_row("API", f"{settings.api_url}   docs {settings.api_url}/docs")
     table.add_row("Console", f"{settings.api_url}/console   (an API key with the ops scope)")
     table.add_row("Metrics", settings.metrics_url)
+    if worker_metrics:
+        urls = [worker_metrics_url(settings.worker_metrics_host, port) for port in worker_metrics]
+        table.add_row("Worker metrics", "  ".join(urls) + "   (Temporal SDK)")
+    if settings.tracing != "off":
+        table.add_row("Tracing", f"{settings.tracing} (PAYSAGA_TRACING)")
     if settings.temporal_ui_url:
         table.add_row("Temporal UI", settings.temporal_ui_url)
     table.add_row(
@@ -286,8 +318,11 @@ async def run_stack(settings: Settings, console: Console) -> None:
             # the reconciliation inbox. Several workers may: each creates or updates the
             # same schedules to the same configuration, and a second signal to the
             # statement stream only starts another (idempotent) matching pass.
-            for name in worker_names(settings):
-                await supervisor.start(python_service(name, settings, env, command="worker"))
+            metrics_ports = worker_metrics_ports(settings)
+            for name, port in zip(worker_names(settings), metrics_ports, strict=True):
+                # Each worker serves the Temporal SDK's metrics on a port of its own.
+                worker_env = {**env, "PAYSAGA_WORKER_METRICS_PORT": str(port)}
+                await supervisor.start(python_service(name, settings, worker_env, command="worker"))
             # Chains the ledger into blocks, so that deleting any event is detected.
             await supervisor.start(python_service("sealer", settings, env))
             # The read side: read models and the risk consumer.
@@ -295,7 +330,7 @@ async def run_stack(settings: Settings, console: Console) -> None:
             await supervisor.start(python_service("api", settings, env))
             await _wait_http_ok(f"{settings.api_url}/healthz", STARTUP_TIMEOUT_S)
             ready = True
-            console.print(banner(settings, time.monotonic() - started))
+            console.print(banner(settings, time.monotonic() - started, metrics_ports))
             await stop.wait()
             console.print("stopping: api, projector, sealer, worker, temporal, postgres ...")
         except asyncio.CancelledError:

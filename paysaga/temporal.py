@@ -12,6 +12,7 @@ import shutil
 import sys
 import sysconfig
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from temporalio.api.enums.v1 import IndexedValueType
@@ -19,8 +20,9 @@ from temporalio.api.operatorservice.v1 import (
     AddSearchAttributesRequest,
     ListSearchAttributesRequest,
 )
-from temporalio.client import Client
+from temporalio.client import Client, Interceptor
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.runtime import Runtime
 from temporalio.service import RPCError, RPCStatusCode
 
 from paysaga.settings import Settings
@@ -78,8 +80,18 @@ def dev_server_argv(settings: Settings) -> list[str]:
     ]
 
 
-async def connect(settings: Settings, *, timeout_s: float = CONNECT_TIMEOUT_S) -> Client:
-    """A client with the pydantic data converter, retrying while the server starts."""
+async def connect(
+    settings: Settings,
+    *,
+    timeout_s: float = CONNECT_TIMEOUT_S,
+    runtime: Runtime | None = None,
+    interceptors: Sequence[Interceptor] = (),
+) -> Client:
+    """A client with the pydantic data converter, retrying while the server starts.
+
+    `runtime` (the SDK's metrics, see paysaga.telemetry) defaults to the SDK's own;
+    `interceptors` (tracing) apply to the client's calls and to workers built on it.
+    """
     deadline = time.monotonic() + timeout_s
     delay_s = 0.1
     while True:
@@ -88,6 +100,8 @@ async def connect(settings: Settings, *, timeout_s: float = CONNECT_TIMEOUT_S) -
                 settings.temporal_target,
                 namespace=settings.temporal_namespace,
                 data_converter=pydantic_data_converter,
+                runtime=runtime,
+                interceptors=interceptors,
             )
         except RuntimeError:
             # The SDK reports an unreachable server as a plain RuntimeError.
@@ -134,9 +148,16 @@ class LazyClient:
     the process failing to start.
     """
 
-    def __init__(self, settings: Settings, client: Client | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        client: Client | None = None,
+        *,
+        interceptors: Sequence[Interceptor] = (),
+    ) -> None:
         self._settings = settings
         self._client = client
+        self._interceptors = interceptors
         self._lock = asyncio.Lock()
 
     async def get(self, *, timeout_s: float = 2.0) -> Client:
@@ -144,5 +165,7 @@ class LazyClient:
             return self._client
         async with self._lock:
             if self._client is None:
-                self._client = await connect(self._settings, timeout_s=timeout_s)
+                self._client = await connect(
+                    self._settings, timeout_s=timeout_s, interceptors=self._interceptors
+                )
         return self._client

@@ -121,6 +121,12 @@ def test_up_runs_heals_stops_cleanly_and_keeps_its_data(stack: RunningStack) -> 
 
     first_ping = paysaga("ping", env=stack.env)
     assert first_ping.returncode == 0, first_ping.stderr
+    completed = [
+        line
+        for line in _worker_sdk_metrics(stack).splitlines()
+        if line.startswith("temporal_workflow_completed{")
+    ]
+    assert any('workflow_type="Ping"' in line for line in completed), completed
     _assert_the_sealer_and_the_sweeper_run(stack)
     # A workflow left in flight (no worker polls its queue) must survive a restart.
     paysaga_temporal(
@@ -162,6 +168,17 @@ def test_up_runs_heals_stops_cleanly_and_keeps_its_data(stack: RunningStack) -> 
     assert wait_all_gone(tree) == [], "orphans left after Ctrl-C"
     _assert_private(stack)
     assert _modes(list(stack.data_dir.parents)) == ancestors, "paysaga up changed a parent"
+
+
+def _worker_sdk_metrics(stack: RunningStack) -> str:
+    """The Temporal SDK's metrics, from the port `paysaga up` gave the worker and showed."""
+    environ = Path(f"/proc/{stack.pid('worker')}/environ").read_bytes().split(b"\0")
+    port = next(
+        e.split(b"=", 1)[1] for e in environ if e.startswith(b"PAYSAGA_WORKER_METRICS_PORT=")
+    )
+    url = f"http://127.0.0.1:{port.decode()}/metrics"
+    assert url in stack.read_output(), "the banner names the worker's metrics"
+    return httpx.get(url).text
 
 
 SEAL_DEADLINE_S = 10.0  # the issue's bound: sealed within 10 seconds of a commit

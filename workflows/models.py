@@ -107,8 +107,18 @@ class PaymentRequest(_Model):
         return workflow_id_for(self.payment_id)
 
 
+PAYMENT_WORKFLOW_ID_PREFIX = "payment-"
+
+
 def workflow_id_for(payment_id: str) -> str:
-    return f"payment-{payment_id}"
+    return f"{PAYMENT_WORKFLOW_ID_PREFIX}{payment_id}"
+
+
+def payment_id_of(workflow_id: str) -> str | None:
+    """The payment whose workflow this is; None for any other workflow."""
+    if not workflow_id.startswith(PAYMENT_WORKFLOW_ID_PREFIX):
+        return None
+    return workflow_id.removeprefix(PAYMENT_WORKFLOW_ID_PREFIX)
 
 
 class PaymentState(_Model):

@@ -68,7 +68,7 @@ from ledger.events import PAYMENT_ID_PATTERN, payment_stream
 from ledger.read_models import SEQ_MAX, PaymentRow, ReadModels
 from ledger.state_machine import PAYMENT_STATUS_BY_STATE, TERMINAL_STATES, replay
 from ledger.store import EventStore, RecordedEvent
-from paysaga.logs import payment_id_var, request_id_var, workflow_id_var
+from paysaga.logs import bind_payment, request_id_var
 from paysaga.payments import policy_from_settings, start_payment, start_payment_and_wait
 from workflows.models import (
     TERMINAL_STATUSES,
@@ -239,8 +239,7 @@ def _gone(ledger_view: PaymentOut, workflow_status: str) -> PaymentOut:
 def _check_payment_id(payment_id: str) -> None:
     if not re.match(PAYMENT_ID_PATTERN, payment_id):
         raise ProblemError(404, "payment_not_found", f"no payment {payment_id!r}")
-    payment_id_var.set(payment_id)
-    workflow_id_var.set(workflow_id_for(payment_id))
+    bind_payment(payment_id, workflow_id_for(payment_id))
 
 
 @router.post(
@@ -292,8 +291,7 @@ async def create_payment(
         response.status_code = claim.replay.status
         return PaymentOut.model_validate(claim.replay.body)
 
-    payment_id_var.set(payment_id)
-    workflow_id_var.set(workflow_id_for(payment_id))
+    bind_payment(payment_id, workflow_id_for(payment_id))
     async with keys.hold(key.key_id, idem, claim) as lease:
         # Past this point the workflow may exist: a failure hands the key to the next
         # retry, which finishes the job (the workflow id is fixed; starting is idempotent).

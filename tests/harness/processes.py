@@ -7,8 +7,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
 
 import httpx
 
@@ -33,9 +35,9 @@ def service_env(settings: Settings, **extra: str) -> dict[str, str]:
     )
 
 
-def start_api(env: dict[str, str]) -> subprocess.Popen[bytes]:
+def start_api(env: dict[str, str], stdout: IO[bytes] | None = None) -> subprocess.Popen[bytes]:
     """`paysaga api`, on the address `env` gives it, once it answers /readyz with 200."""
-    api = subprocess.Popen([sys.executable, "-m", "paysaga", "api"], env=env)
+    api = subprocess.Popen([sys.executable, "-m", "paysaga", "api"], env=env, stdout=stdout)
     url = f"http://127.0.0.1:{env['PAYSAGA_API_PORT']}"
     deadline = time.monotonic() + READY_TIMEOUT_S
     while True:
@@ -79,13 +81,32 @@ class Services:
 
 
 @contextmanager
-def api_and_worker(settings: Settings, **extra_env: str) -> Iterator[Services]:
+def api_and_worker(
+    settings: Settings, *, output_dir: Path | None = None, **extra_env: str
+) -> Iterator[Services]:
+    """Both services on the test's servers; with `output_dir`, each one's standard output
+    goes to `api.out` and `worker.out` there (the test's own otherwise)."""
     port = free_port()
     env = service_env(settings, PAYSAGA_API_PORT=str(port), **extra_env)
-    worker = subprocess.Popen([sys.executable, "-m", "paysaga", "worker"], env=env)
+    with ExitStack() as files:
+        outputs: dict[str, IO[bytes] | None] = {"api": None, "worker": None}
+        if output_dir is not None:
+            for name in outputs:
+                outputs[name] = files.enter_context(open(output_dir / f"{name}.out", "wb"))
+        with _running(env, outputs["api"], outputs["worker"], port) as services:
+            yield services
+
+
+@contextmanager
+def _running(
+    env: dict[str, str], api_out: IO[bytes] | None, worker_out: IO[bytes] | None, port: int
+) -> Iterator[Services]:
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "paysaga", "worker"], env=env, stdout=worker_out
+    )
     services: Services | None = None
     try:
-        services = Services(f"http://127.0.0.1:{port}", start_api(env), worker, env)
+        services = Services(f"http://127.0.0.1:{port}", start_api(env, api_out), worker, env)
         yield services
     finally:
         for process in (services.api if services else None, worker):
