@@ -111,6 +111,17 @@ def _projector_process(database: IsolatedDatabase, batch_events_max: int) -> sub
     )
 
 
+async def _until_checkpoint_passes(
+    bank: EventStore, seq: int, process: subprocess.Popen[str], timeout_s: float = 30
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (await _checkpoints(bank.engine))["statement"][0] <= seq:
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"the projector applied nothing: {process.communicate()[1]}")
+        await asyncio.sleep(0.05)
+
+
 async def _waiting_on_lock(owner: AsyncEngine, timeout_s: float = 20) -> int:
     """The pid of the projector's backend once it waits on a lock, mid-batch."""
     deadline = time.monotonic() + timeout_s
@@ -176,15 +187,19 @@ async def test_a_projector_killed_again_and_again_under_writes_converges(
 
     writer = asyncio.create_task(write())
     try:
-        for lifetime_s in (1.0, 1.3, 1.6, 1.9):
+        for after_progress_s in (0.0, 0.3, 0.6, 0.9):
+            # Each projector is killed once it has committed a batch of its own (a fixed
+            # lifetime could end before a slow start on a loaded machine ever got that
+            # far), at a different moment after it.
+            before = (await _checkpoints(bank.engine))["statement"][0]
             process = _projector_process(database, batch_events_max=5)
-            await asyncio.sleep(lifetime_s)
+            await _until_checkpoint_passes(bank, before, process)
+            await asyncio.sleep(after_progress_s)
             os.kill(process.pid, signal.SIGKILL)
             process.wait(timeout=10)
     finally:
         stop.set()
         await writer
-    assert (await _checkpoints(bank.engine))["statement"][0] > 0, "the projectors never ran"
     await project(bank, database)
     checkpoints = await _checkpoints(bank.engine)
     head, events = await _head(bank.engine)
