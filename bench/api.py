@@ -15,10 +15,11 @@ and at the last concurrency also:
 It prints accepted and settled payments per second, p50/p99 submit-to-202 and
 submit-to-settled, and settled/s as a ratio to the floor and to the saga-only run (the
 target: API ≥ 0.9 × saga only). `--seconds` bounds each run by time instead of by
-count (`--payments` is then its upper bound). Writes bench/results/api-<time>.json.
+count (`--payments` is then its upper bound), and `--per-client N` makes each run go on
+until each client has made N. Writes bench/results/api-<time>.json.
 
     .venv/bin/python bench/api.py --payments 300 --concurrency 16
-    .venv/bin/python bench/api.py --concurrency 1,5,10,20,40 --seconds 8
+    .venv/bin/python bench/api.py --concurrency 1,5,10,20,40 --seconds 5 --per-client 3
 """
 
 from __future__ import annotations
@@ -118,6 +119,12 @@ async def main() -> None:
     parser.add_argument("--payments", type=int, default=300, help="per run (an upper bound)")
     parser.add_argument("--concurrency", default="16", help="one, or a list: 1,5,10,20,40")
     parser.add_argument("--seconds", type=float, default=None, help="bound each run by time")
+    parser.add_argument(
+        "--per-client",
+        type=int,
+        default=0,
+        help="with --seconds: each run goes on until each client has made this many",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     n, seconds_max = args.payments, args.seconds
@@ -202,15 +209,13 @@ async def main() -> None:
                     assert response.json()["status"] == "SETTLED", response.text
 
                 console.print(f"concurrency {level_c}: saga only, API wait=settled ...")
-                saga = await drive(
-                    "saga only (Temporal client)", n, level_c, saga_one, seconds_max=seconds_max
-                )
+                bounds: dict[str, Any] = {
+                    "seconds_max": seconds_max,
+                    "count_min": args.per_client * level_c,
+                }
+                saga = await drive("saga only (Temporal client)", n, level_c, saga_one, **bounds)
                 api_settled = await drive(
-                    "API ?wait=settled (submit-to-settled)",
-                    n,
-                    level_c,
-                    api_wait_one,
-                    seconds_max=seconds_max,
+                    "API ?wait=settled (submit-to-settled)", n, level_c, api_wait_one, **bounds
                 )
                 levels.append(
                     {
@@ -223,7 +228,9 @@ async def main() -> None:
 
             # 3. The floor, on the same Temporal server, at the last concurrency.
             console.print("floor ...")
-            floor = await run_floor(client, settings, n, c, seconds_max=seconds_max)
+            floor = await run_floor(
+                client, settings, n, c, seconds_max=seconds_max, count_min=args.per_client * c
+            )
 
             # 4. Through the API, 202 at once; then until every payment has ended.
             submitted: list[str] = []
@@ -234,7 +241,12 @@ async def main() -> None:
             console.print("API, 202 ...")
             started = time.perf_counter()
             accepted = await drive(
-                "API 202 (submit-to-202)", n, c, api_accept_one, seconds_max=seconds_max
+                "API 202 (submit-to-202)",
+                n,
+                c,
+                api_accept_one,
+                seconds_max=seconds_max,
+                count_min=args.per_client * c,
             )
             pending = set(submitted)
             ended_deadline = time.monotonic() + ACCEPTED_END_S_MAX
@@ -315,6 +327,7 @@ async def main() -> None:
                 "payments": n,
                 "concurrency": c,
                 "seconds_per_run": seconds_max,
+                "per_client_min": args.per_client,
                 "sweep": levels,
                 "runs": [asdict(r) for r in runs],
                 **figures,

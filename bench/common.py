@@ -56,17 +56,24 @@ async def drive(
     one: Callable[[int], Awaitable[None]],
     *,
     seconds_max: float | None = None,
+    count_min: int = 0,
 ) -> Run:
     """Run `one(i)` for i in range(count), `concurrency` at a time; time each. With
-    `seconds_max`, no new one starts after that many seconds (those under way finish),
-    so the run may end before `count`: its figures count what was done."""
+    `seconds_max`, no new one starts after that many seconds once `count_min` have
+    started (those under way finish), so the run may end before `count`: its figures
+    count what was done."""
     latencies_ms: list[float] = []
     next_index = 0
     deadline = None if seconds_max is None else time.perf_counter() + seconds_max
 
+    def more() -> bool:
+        if next_index >= count:
+            return False
+        return deadline is None or next_index < count_min or time.perf_counter() < deadline
+
     async def lane() -> None:
         nonlocal next_index
-        while next_index < count and (deadline is None or time.perf_counter() < deadline):
+        while more():
             index = next_index
             next_index += 1
             started = time.perf_counter()
@@ -102,10 +109,12 @@ async def run_floor(
     concurrency: int,
     *,
     seconds_max: float | None = None,
+    count_min: int = 0,
     empty: bool = False,
 ) -> Run:
     """FloorWorkflow (or, with `empty`, EmptyWorkflow) `count` times, or for
-    `seconds_max`, with a worker tuned exactly like the saga's."""
+    `seconds_max` and at least `count_min` times, with a worker tuned exactly like the
+    saga's."""
     queue = f"floor-{uuid.uuid4()}"
     workflow = EmptyWorkflow if empty else FloorWorkflow
     async with Worker(
@@ -128,7 +137,9 @@ async def run_floor(
             )
 
         name = EMPTY_NAME if empty else FLOOR_NAME
-        return await drive(name, count, concurrency, one, seconds_max=seconds_max)
+        return await drive(
+            name, count, concurrency, one, seconds_max=seconds_max, count_min=count_min
+        )
 
 
 @dataclass

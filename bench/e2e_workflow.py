@@ -12,11 +12,13 @@ It prints payments per second, p50/p99 start-to-settled latency, CPU per workflo
 this process (client and worker), and the ratios of the saga to both floors, and
 writes bench/results/e2e_workflow-<time>.json. With several concurrencies
 (`--concurrency 1,5,10,20,40`) it sweeps them in turn; `--seconds` bounds each run by
-time instead of by count (`--payments` is then its upper bound).
+time instead of by count (`--payments` is then its upper bound), and `--per-client N`
+makes each run go on until each client has made N (so that a run at high concurrency
+is not all ramp-up and tail).
 
     .venv/bin/python bench/e2e_workflow.py
     .venv/bin/python bench/e2e_workflow.py --payments 400 --concurrency 32
-    .venv/bin/python bench/e2e_workflow.py --concurrency 1,5,10,20,40 --seconds 8
+    .venv/bin/python bench/e2e_workflow.py --concurrency 1,5,10,20,40 --seconds 5 --per-client 3
     .venv/bin/python bench/e2e_workflow.py --ledger-activities regular   # compare
     .venv/bin/python bench/e2e_workflow.py --capture-activity regular    # compare
 """
@@ -86,6 +88,7 @@ async def run_saga(
     concurrencies: list[int],
     n: int,
     seconds_max: float | None,
+    per_client: int,
 ) -> list[dict[str, Any]]:
     """At each concurrency: the empty floor, the floor, then the saga, back to back."""
     queue = f"payments-{uuid.uuid4()}"
@@ -125,9 +128,10 @@ async def run_saga(
                 assert outcome.status == "SETTLED", outcome
 
             console.print(f"concurrency {c}: empty workflow, floor, saga")
-            empty = await run_floor(client, settings, n, c, seconds_max=seconds_max, empty=True)
-            floor = await run_floor(client, settings, n, c, seconds_max=seconds_max)
-            saga = await drive(name, n, c, one, seconds_max=seconds_max)
+            bounds: dict[str, Any] = {"seconds_max": seconds_max, "count_min": per_client * c}
+            empty = await run_floor(client, settings, n, c, empty=True, **bounds)
+            floor = await run_floor(client, settings, n, c, **bounds)
+            saga = await drive(name, n, c, one, **bounds)
             levels.append(
                 {
                     "concurrency": c,
@@ -146,6 +150,12 @@ async def main() -> None:
     parser.add_argument("--payments", type=int, default=300, help="per run (an upper bound)")
     parser.add_argument("--concurrency", default="20", help="one, or a list: 1,5,10,20,40")
     parser.add_argument("--seconds", type=float, default=None, help="bound each run by time")
+    parser.add_argument(
+        "--per-client",
+        type=int,
+        default=0,
+        help="with --seconds: each run goes on until each client has made this many",
+    )
     parser.add_argument("--ledger-activities", choices=("local", "regular"), default="local")
     parser.add_argument(
         "--capture-activity", choices=("local", "regular"), default=PaymentPolicy().capture_activity
@@ -171,6 +181,7 @@ async def main() -> None:
             concurrencies,
             n,
             args.seconds,
+            args.per_client,
         )
 
     table = Table(title="PaymentWorkflow vs the floors (dev server, SQLite file)")
@@ -215,6 +226,7 @@ async def main() -> None:
                 "temporal": "dev server, SQLite file",
                 "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
                 "seconds_per_run": args.seconds,
+                "per_client_min": args.per_client,
                 "payments_per_run_max": n,
                 "sweep": levels,
                 "floor": last["floor"],
