@@ -591,9 +591,9 @@ def _section_growth(scripts: dict[str, Any], summary: dict[str, Any]) -> list[st
         ),
         "",
         f"Largest size over smallest: append p50 × "
-        f"{growth['append_p50_largest_over_smallest']}, p99 × "
-        f"{growth['append_p99_largest_over_smallest']}; the append/INSERT ratio (p50) × "
-        f"{growth['ratio_p50_largest_over_smallest']}. "
+        f"{growth['append_p50_largest_over_smallest']:.2f}, p99 × "
+        f"{growth['append_p99_largest_over_smallest']:.2f}; the append/INSERT ratio (p50) × "
+        f"{growth['ratio_p50_largest_over_smallest']:.2f}. "
         f"{growth['stages'][0]['append']['samples']:,} appends and as many INSERTs at "
         "each size.",
         "",
@@ -787,9 +787,10 @@ def render_markdown(combined: dict[str, Any]) -> str:
         f"{combined['seconds'] / 60:.1f} minutes in all.",
         "",
         f"**Machine load** (1-minute load average): {load['start'][0]:.2f} at the start, "
-        f"{load['end'][0]:.2f} at the end; before each script: {loads}. The machine is "
-        "shared with other work, so absolute figures drift between runs: compare the "
-        "ratios, which are measured within one run.",
+        f"{load['end'][0]:.2f} at the end; before each script: {loads} (the run's own "
+        "processes included). The machine is shared with other work, so absolute "
+        "figures drift between runs: compare the ratios, which are measured within one "
+        "run.",
         "",
         md_table(("script", "command", "seconds", "exit code"), commands),
         "",
@@ -809,8 +810,9 @@ def render_markdown(combined: dict[str, Any]) -> str:
         "make bench BENCH_SIZE=small    # a quick look: about 2 minutes",
         "```",
         "",
-        f"Every figure is in `bench/results/{combined['stamp']}.json`; each script also "
-        "runs alone with the command above.",
+        f"Every figure of this run is in `bench/results/{combined['stamp']}.json` (not "
+        "committed: `bench/results/` is git-ignored); each script also runs alone with "
+        "the command in the table at the top.",
         "",
     ]
     return "\n".join(lines)
