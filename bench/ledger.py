@@ -22,6 +22,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -279,6 +280,8 @@ async def main() -> None:
     finally:
         if process is not None:
             stop_server(process)
+        # The cluster (and, with DATABASE_URL, the passfile): ~100 MB a run under /tmp.
+        shutil.rmtree(workdir, ignore_errors=True)
 
     table = Table(title=f"ledger: lifecycles appended straight to the store (PostgreSQL {version})")
     for column in (
