@@ -8,7 +8,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up test reliability lint format install clean-data
+.PHONY: up test reliability bench lint format install clean-data
 
 up: $(STAMP)
 	$(BIN)/paysaga up
@@ -22,6 +22,14 @@ test: $(STAMP)
 # RELIABILITY_SEED tune it.
 reliability: $(STAMP)
 	$(BIN)/pytest -m reliability -s -p no:cacheprovider tests/reliability/test_bank.py
+
+# Every benchmark in turn (bench/report.py): every figure in bench/results/<time>.json and
+# a Markdown report with charts beside it. The full run (about 10 minutes on 2 cores) also
+# replaces the committed report in docs/bench/; BENCH_SIZE=small (about 2 minutes) runs
+# smaller sizes and publishes nothing.
+BENCH_SIZE ?= full
+bench: $(STAMP)
+	$(BIN)/python bench/report.py --size $(BENCH_SIZE)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

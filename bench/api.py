@@ -1,18 +1,25 @@
 """The HTTP API's cost: payments driven through the API against the stack `make up` runs.
 
 Starts `paysaga up` (its own data directory and free ports, so it never disturbs a
-running one), creates an API key and accounts, then runs, in one run:
+running one), creates an API key and accounts, then runs, in one run, at each
+concurrency C (`--concurrency 1,5,10,20,40` sweeps them in turn):
 
-1. **floor**: FloorWorkflow (4 regular no-op activities) on the stack's Temporal;
-2. **saga only**: payments started straight on Temporal, run by the stack's worker;
-3. **API, wait=settled**: `POST /v1/payments?wait=settled` from C concurrent clients;
+1. **saga only**: payments started straight on Temporal, run by the stack's worker;
+2. **API, wait=settled**: `POST /v1/payments?wait=settled` from C concurrent clients;
+
+and at the last concurrency also:
+
+3. **floor**: FloorWorkflow (4 regular no-op activities) on the stack's Temporal;
 4. **API, 202**: `POST /v1/payments` from C clients, then waits until all have ended.
 
 It prints accepted and settled payments per second, p50/p99 submit-to-202 and
 submit-to-settled, and settled/s as a ratio to the floor and to the saga-only run (the
-target: API ≥ 0.9 × saga only). Writes bench/results/api-<time>.json.
+target: API ≥ 0.9 × saga only). `--seconds` bounds each run by time instead of by
+count (`--payments` is then its upper bound), and `--per-client N` makes each run go on
+until each client has made N. Writes bench/results/api-<time>.json.
 
     .venv/bin/python bench/api.py --payments 300 --concurrency 16
+    .venv/bin/python bench/api.py --concurrency 1,5,10,20,40 --seconds 5 --per-client 3
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,6 +39,7 @@ import uuid
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 from rich.console import Console
@@ -49,6 +58,8 @@ from workflows.models import PaymentRequest  # noqa: E402
 
 console = Console(stderr=True)
 TERMINAL = {"SETTLED", "DECLINED", "REJECTED", "FAILED", "CANCELLED"}
+# How long the payments accepted with 202 may take, all together, to end.
+ACCEPTED_END_S_MAX = 300.0
 
 
 def free_port() -> int:
@@ -105,10 +116,23 @@ def start_stack(data_dir: Path) -> tuple[subprocess.Popen[bytes], dict[str, str]
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--payments", type=int, default=300)
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--payments", type=int, default=300, help="per run (an upper bound)")
+    parser.add_argument("--concurrency", default="16", help="one, or a list: 1,5,10,20,40")
+    parser.add_argument("--seconds", type=float, default=None, help="bound each run by time")
+    parser.add_argument(
+        "--per-client",
+        type=int,
+        default=0,
+        help="with --seconds: each run goes on until each client has made this many",
+    )
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    n, c = args.payments, args.concurrency
+    n, seconds_max = args.payments, args.seconds
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    if n < 1 or min(concurrencies) < 1 or (seconds_max is not None and seconds_max <= 0):
+        parser.error("--payments, every --concurrency and --seconds must be positive")
+    c = concurrencies[-1]
+    lanes = max(concurrencies)
 
     data_dir = Path(tempfile.mkdtemp(prefix="paysaga-bench-api-"))
     stack, env, url, api_key = start_stack(data_dir)
@@ -118,7 +142,7 @@ async def main() -> None:
             settings.temporal_target, data_converter=pydantic_data_converter
         )
         headers = {"Authorization": f"Bearer {api_key}"}
-        limits = httpx.Limits(max_connections=c * 2, max_keepalive_connections=c * 2)
+        limits = httpx.Limits(max_connections=lanes * 2, max_keepalive_connections=lanes * 2)
         async with httpx.AsyncClient(
             base_url=url, headers=headers, timeout=60, limits=limits
         ) as http:
@@ -140,7 +164,7 @@ async def main() -> None:
                 },
             )
             await post("/v1/accounts", {"id": "shop", "currency": "EUR", "kind": "merchant"})
-            for i in range(c):
+            for i in range(lanes):
                 await post(
                     "/v1/accounts", {"id": f"payer-{i}", "currency": "EUR", "kind": "customer"}
                 )
@@ -155,55 +179,80 @@ async def main() -> None:
                     wait="settled",
                 )
 
-            def body(index: int) -> dict[str, object]:
+            def body(index: int, lanes: int) -> dict[str, object]:
                 return {
-                    "payer_account_id": f"payer-{index % c}",
+                    "payer_account_id": f"payer-{index % lanes}",
                     "payee_account_id": "shop",
                     "amount_minor": 100,
                     "currency": "EUR",
                 }
 
-            # 1. The floor, on the same Temporal server.
-            console.print("floor ...")
-            floor = await run_floor(client, settings, n, c)
+            levels: list[dict[str, Any]] = []
+            for level_c in concurrencies:
+                # 1. The saga alone: straight to Temporal, run by the stack's worker.
+                async def saga_one(index: int, level_c: int = level_c) -> None:
+                    handle = await start_payment(
+                        client,
+                        PaymentRequest(
+                            payment_id=f"saga-{uuid.uuid4().hex}",
+                            policy=policy_from_settings(settings),
+                            **body(index, level_c),
+                        ),
+                        task_queue=settings.task_queue,
+                    )
+                    outcome = await handle.result()
+                    assert outcome.status == "SETTLED", outcome
 
-            # 2. The saga alone: straight to Temporal, run by the stack's worker.
-            async def saga_one(index: int) -> None:
-                b = body(index)
-                handle = await start_payment(
-                    client,
-                    PaymentRequest(
-                        payment_id=f"saga-{uuid.uuid4().hex}",
-                        policy=policy_from_settings(settings),
-                        **b,
-                    ),
-                    task_queue=settings.task_queue,
+                # 2. Through the API, waiting for each payment to end.
+                async def api_wait_one(index: int, level_c: int = level_c) -> None:
+                    response = await post("/v1/payments", body(index, level_c), wait="settled")
+                    assert response.json()["status"] == "SETTLED", response.text
+
+                console.print(f"concurrency {level_c}: saga only, API wait=settled ...")
+                bounds: dict[str, Any] = {
+                    "seconds_max": seconds_max,
+                    "count_min": args.per_client * level_c,
+                }
+                saga = await drive("saga only (Temporal client)", n, level_c, saga_one, **bounds)
+                api_settled = await drive(
+                    "API ?wait=settled (submit-to-settled)", n, level_c, api_wait_one, **bounds
                 )
-                outcome = await handle.result()
-                assert outcome.status == "SETTLED", outcome
+                levels.append(
+                    {
+                        "concurrency": level_c,
+                        "saga_only": asdict(saga),
+                        "api_settled": asdict(api_settled),
+                        "api_over_saga_only": round(api_settled.per_s / saga.per_s, 3),
+                    }
+                )
 
-            console.print("saga only ...")
-            saga = await drive("saga only (Temporal client)", n, c, saga_one)
-
-            # 3. Through the API, waiting for each payment to end.
-            async def api_wait_one(index: int) -> None:
-                response = await post("/v1/payments", body(index), wait="settled")
-                assert response.json()["status"] == "SETTLED", response.text
-
-            console.print("API, wait=settled ...")
-            api_settled = await drive("API ?wait=settled (submit-to-settled)", n, c, api_wait_one)
+            # 3. The floor, on the same Temporal server, at the last concurrency.
+            console.print("floor ...")
+            floor = await run_floor(
+                client, settings, n, c, seconds_max=seconds_max, count_min=args.per_client * c
+            )
 
             # 4. Through the API, 202 at once; then until every payment has ended.
             submitted: list[str] = []
 
             async def api_accept_one(index: int) -> None:
-                submitted.append((await post("/v1/payments", body(index))).json()["id"])
+                submitted.append((await post("/v1/payments", body(index, c))).json()["id"])
 
             console.print("API, 202 ...")
             started = time.perf_counter()
-            accepted = await drive("API 202 (submit-to-202)", n, c, api_accept_one)
+            accepted = await drive(
+                "API 202 (submit-to-202)",
+                n,
+                c,
+                api_accept_one,
+                seconds_max=seconds_max,
+                count_min=args.per_client * c,
+            )
             pending = set(submitted)
+            ended_deadline = time.monotonic() + ACCEPTED_END_S_MAX
             while pending:
+                if time.monotonic() > ended_deadline:
+                    raise SystemExit(f"{len(pending)} accepted payments had not ended in time")
                 page = (
                     await http.get("/v1/payments", params={"account_id": "shop", "limit": 200})
                 ).json()
@@ -224,15 +273,38 @@ async def main() -> None:
             stack.wait(60)
         except subprocess.TimeoutExpired:
             stack.kill()
+        shutil.rmtree(data_dir, ignore_errors=True)
 
+    # The saga-only and wait=settled runs of the last concurrency: the figures a single
+    # run has always had (compare.py reads them).
     runs = [floor, saga, api_settled, accepted]
-    table = Table(title=f"API vs saga vs floor: {n} payments, {c} concurrent clients")
-    for column in ("run", "per s", "p50 ms", "p99 ms"):
+    table = Table(title="API vs saga vs floor (the stack of `paysaga up`)")
+    for column in ("run", "concurrency", "payments", "per s", "p50 ms", "p99 ms", "API / saga"):
         table.add_column(column, justify="right")
-    for run in runs:
-        table.add_row(run.name, f"{run.per_s:.2f}", f"{run.p50_ms:.0f}", f"{run.p99_ms:.0f}")
+    for level in levels:
+        for key in ("saga_only", "api_settled"):
+            run = level[key]
+            table.add_row(
+                run["name"],
+                str(run["concurrency"]),
+                str(run["payments"]),
+                f"{run['per_s']:.2f}",
+                f"{run['p50_ms']:.0f}",
+                f"{run['p99_ms']:.0f}",
+                f"{level['api_over_saga_only']:.2f}" if key == "api_settled" else "",
+            )
+    for run in (floor, accepted):
+        table.add_row(
+            run.name,
+            str(run.concurrency),
+            str(run.payments),
+            f"{run.per_s:.2f}",
+            f"{run.p50_ms:.0f}",
+            f"{run.p99_ms:.0f}",
+            "",
+        )
     Console(width=140).print(table)
-    settled_after_202 = round(n / accepted_all_ended_s, 2)
+    settled_after_202 = round(accepted.payments / accepted_all_ended_s, 2)
     figures = {
         "accepted_per_s": accepted.per_s,
         "settled_per_s_wait": api_settled.per_s,
@@ -246,7 +318,7 @@ async def main() -> None:
     }
     for name, value in figures.items():
         print(f"{name}: {value}")
-    out = ROOT / "bench" / "results" / f"api-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
+    out = args.out or ROOT / "bench" / "results" / f"api-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps(
@@ -254,6 +326,9 @@ async def main() -> None:
                 "benchmark": "api",
                 "payments": n,
                 "concurrency": c,
+                "seconds_per_run": seconds_max,
+                "per_client_min": args.per_client,
+                "sweep": levels,
                 "runs": [asdict(r) for r in runs],
                 **figures,
             },

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import tempfile
 import time
 import uuid
@@ -16,7 +17,7 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
-from bench.floor import FloorWorkflow, no_op
+from bench.floor import EmptyWorkflow, FloorWorkflow, no_op
 from ledger.store import EventStore
 from paysaga import migrate
 from paysaga.db import DatabaseUrls, open_store
@@ -49,15 +50,30 @@ def percentile(values: list[float], fraction: float) -> float:
 
 
 async def drive(
-    name: str, count: int, concurrency: int, one: Callable[[int], Awaitable[None]]
+    name: str,
+    count: int,
+    concurrency: int,
+    one: Callable[[int], Awaitable[None]],
+    *,
+    seconds_max: float | None = None,
+    count_min: int = 0,
 ) -> Run:
-    """Run `one(i)` for i in range(count), `concurrency` at a time; time each."""
+    """Run `one(i)` for i in range(count), `concurrency` at a time; time each. With
+    `seconds_max`, no new one starts after that many seconds once `count_min` have
+    started (those under way finish), so the run may end before `count`: its figures
+    count what was done."""
     latencies_ms: list[float] = []
     next_index = 0
+    deadline = None if seconds_max is None else time.perf_counter() + seconds_max
+
+    def more() -> bool:
+        if next_index >= count:
+            return False
+        return deadline is None or next_index < count_min or time.perf_counter() < deadline
 
     async def lane() -> None:
         nonlocal next_index
-        while next_index < count:
+        while more():
             index = next_index
             next_index += 1
             started = time.perf_counter()
@@ -68,37 +84,62 @@ async def drive(
     cpu_started = time.process_time()
     await asyncio.gather(*(lane() for _ in range(concurrency)))
     seconds = time.perf_counter() - started
-    cpu_ms = (time.process_time() - cpu_started) * 1000 / count
+    done = len(latencies_ms)
+    cpu_ms = (time.process_time() - cpu_started) * 1000 / done
     return Run(
         name=name,
-        payments=count,
+        payments=done,
         concurrency=concurrency,
         seconds=round(seconds, 2),
-        per_s=round(count / seconds, 2),
+        per_s=round(done / seconds, 2),
         p50_ms=round(percentile(latencies_ms, 0.5), 1),
         p99_ms=round(percentile(latencies_ms, 0.99), 1),
         process_cpu_ms=round(cpu_ms, 1),
     )
 
 
-async def run_floor(client: Client, settings: Settings, count: int, concurrency: int) -> Run:
-    """FloorWorkflow `count` times, with a worker tuned exactly like the saga's."""
+FLOOR_NAME = "floor (4 regular no-op activities)"
+EMPTY_NAME = "empty workflow"
+
+
+async def run_floor(
+    client: Client,
+    settings: Settings,
+    count: int,
+    concurrency: int,
+    *,
+    seconds_max: float | None = None,
+    count_min: int = 0,
+    empty: bool = False,
+) -> Run:
+    """FloorWorkflow (or, with `empty`, EmptyWorkflow) `count` times, or for
+    `seconds_max` and at least `count_min` times, with a worker tuned exactly like the
+    saga's."""
     queue = f"floor-{uuid.uuid4()}"
+    workflow = EmptyWorkflow if empty else FloorWorkflow
     async with Worker(
         client,
         task_queue=queue,
-        workflows=[FloorWorkflow],
-        activities=[no_op],
+        workflows=[workflow],
+        activities=[] if empty else [no_op],
         workflow_runner=sandbox_runner(),
         **worker_tuning(settings),
     ):
 
         async def one(index: int) -> None:
             await client.execute_workflow(
-                FloorWorkflow.run, f"floor-{index}", id=f"floor-{uuid.uuid4()}", task_queue=queue
+                workflow.run,
+                f"floor-{index}",
+                id=f"floor-{uuid.uuid4()}",
+                # Started with the same options as the saga (start_payment: no
+                # workflow timeout), so that the ratio compares the work alone.
+                task_queue=queue,
             )
 
-        return await drive("floor (4 regular no-op activities)", count, concurrency, one)
+        name = EMPTY_NAME if empty else FLOOR_NAME
+        return await drive(
+            name, count, concurrency, one, seconds_max=seconds_max, count_min=count_min
+        )
 
 
 @dataclass
@@ -132,3 +173,4 @@ async def local_servers(prefix: str) -> AsyncIterator[LocalServers]:
             await env.shutdown()
     finally:
         stop_server(pg_process)
+        shutil.rmtree(workdir, ignore_errors=True)

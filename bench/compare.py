@@ -13,7 +13,8 @@ bench/results/compare-<script>-<time>.json.
         -- e2e_workflow.py --payments 300
 
 Metrics are the numeric leaves of the script's JSON (`--out`), named by their path;
-list items are named by their `scenario`, `writers` and `name` fields.
+list items are named by their `scenario`, `writers`, `name`, `concurrency` and `events`
+fields.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_METRICS = r"per_s|ratio|cpu_ms"
-_LABEL_FIELDS = ("scenario", "writers", "name")
+_LABEL_FIELDS = ("scenario", "writers", "name", "concurrency", "events")
 
 
 def base_checkout(revision: str) -> Path:

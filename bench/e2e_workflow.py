@@ -1,18 +1,24 @@
-"""The saga end to end: N payments straight through Temporal, against a no-op floor.
+"""The saga end to end: payments straight through Temporal, against two floors.
 
 On a Temporal dev server persisting to a SQLite file (as `paysaga up` runs it) and
-the embedded PostgreSQL, it runs, in one process and one run:
+the embedded PostgreSQL, it runs, in one process and one run, at each concurrency:
 
-1. the floor: FloorWorkflow, the saga's step shape as 4 regular no-op activities;
-2. the saga: PaymentWorkflow doing real work (ledger appends with the hash chain and
+1. the empty floor: EmptyWorkflow, a workflow that starts and returns;
+2. the floor: FloorWorkflow, the saga's step shape as 4 regular no-op activities;
+3. the saga: PaymentWorkflow doing real work (ledger appends with the hash chain and
    positions, risk rules, the processor simulator, search-attribute upserts).
 
 It prints payments per second, p50/p99 start-to-settled latency, CPU per workflow in
-this process (client and worker), and the ratio of the saga to the floor, and writes
-bench/results/e2e_workflow-<time>.json.
+this process (client and worker), and the ratios of the saga to both floors, and
+writes bench/results/e2e_workflow-<time>.json. With several concurrencies
+(`--concurrency 1,5,10,20,40`) it sweeps them in turn; `--seconds` bounds each run by
+time instead of by count (`--payments` is then its upper bound), and `--per-client N`
+makes each run go on until each client has made N (so that a run at high concurrency
+is not all ramp-up and tail).
 
     .venv/bin/python bench/e2e_workflow.py
     .venv/bin/python bench/e2e_workflow.py --payments 400 --concurrency 32
+    .venv/bin/python bench/e2e_workflow.py --concurrency 1,5,10,20,40 --seconds 5 --per-client 3
     .venv/bin/python bench/e2e_workflow.py --ledger-activities regular   # compare
     .venv/bin/python bench/e2e_workflow.py --capture-activity regular    # compare
     .venv/bin/python bench/e2e_workflow.py --sdk-metrics --tracing      # what they cost
@@ -37,6 +43,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -52,7 +59,7 @@ from opentelemetry.sdk.trace.export import (  # noqa: E402
 )
 from temporalio.client import Client, Interceptor  # noqa: E402
 
-from bench.common import Run, drive, local_servers, run_floor  # noqa: E402
+from bench.common import drive, local_servers, run_floor  # noqa: E402
 from ledger.events import AccountOpened  # noqa: E402
 from ledger.store import EventStore  # noqa: E402
 from paysaga.payments import start_payment  # noqa: E402
@@ -88,42 +95,75 @@ async def open_bench_accounts(store: EventStore, payers: int) -> None:
         )
 
 
+# Each payer's funds (not timed): 9,000 payments' worth, and below the approval
+# threshold (PaymentPolicy), so that funding never waits for an operator.
+PAYER_FUNDING_MINOR = 900_000
+PAYMENT_MINOR = 100
+
+
 async def run_saga(
-    client: Client, store: EventStore, settings: Settings, policy: PaymentPolicy, n: int, c: int
-) -> Run:
+    client: Client,
+    store: EventStore,
+    settings: Settings,
+    policy: PaymentPolicy,
+    concurrencies: list[int],
+    n: int,
+    seconds_max: float | None,
+    per_client: int,
+) -> list[dict[str, Any]]:
+    """At each concurrency: the empty floor, the floor, then the saga, back to back."""
     queue = f"payments-{uuid.uuid4()}"
+    lanes = max(concurrencies)
+    levels: list[dict[str, Any]] = []
     async with build_worker(
         client, settings, task_queue=queue, activities=payment_activities(store, client)
     ):
         # Fund each lane's payer (not timed), then pay the shop from it.
-        for i in range(c):
+        for i in range(lanes):
             funding = PaymentRequest(
                 payment_id=f"fund-{i}-{uuid.uuid4().hex[:8]}",
                 payer_account_id="world",
                 payee_account_id=f"payer-{i}",
-                amount_minor=100_000,
+                amount_minor=PAYER_FUNDING_MINOR,
                 currency="EUR",
                 policy=policy,
             )
             await (await start_payment(client, funding, task_queue=queue)).result()
 
-        async def one(index: int) -> None:
-            request = PaymentRequest(
-                payment_id=f"bench-{uuid.uuid4().hex}",
-                payer_account_id=f"payer-{index % c}",
-                payee_account_id="shop",
-                amount_minor=100,
-                currency="EUR",
-                policy=policy,
-            )
-            outcome = await (await start_payment(client, request, task_queue=queue)).result()
-            assert outcome.status == "SETTLED", outcome
-
         name = (
             f"saga (ledger as {policy.ledger_activities} activities, "
             f"capture as a {policy.capture_activity} one)"
         )
-        return await drive(name, n, c, one)
+        for c in concurrencies:
+
+            async def one(index: int, c: int = c) -> None:
+                request = PaymentRequest(
+                    payment_id=f"bench-{uuid.uuid4().hex}",
+                    payer_account_id=f"payer-{index % c}",
+                    payee_account_id="shop",
+                    amount_minor=PAYMENT_MINOR,
+                    currency="EUR",
+                    policy=policy,
+                )
+                outcome = await (await start_payment(client, request, task_queue=queue)).result()
+                assert outcome.status == "SETTLED", outcome
+
+            console.print(f"concurrency {c}: empty workflow, floor, saga")
+            bounds: dict[str, Any] = {"seconds_max": seconds_max, "count_min": per_client * c}
+            empty = await run_floor(client, settings, n, c, empty=True, **bounds)
+            floor = await run_floor(client, settings, n, c, **bounds)
+            saga = await drive(name, n, c, one, **bounds)
+            levels.append(
+                {
+                    "concurrency": c,
+                    "empty": asdict(empty),
+                    "floor": asdict(floor),
+                    "saga": asdict(saga),
+                    "saga_over_empty": round(saga.per_s / empty.per_s, 3),
+                    "saga_over_floor": round(saga.per_s / floor.per_s, 3),
+                }
+            )
+    return levels
 
 
 class SerializedAway(SpanExporter):
@@ -160,8 +200,15 @@ async def observed_client(client: Client, sdk_metrics: bool, tracing: bool) -> C
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--payments", type=int, default=300)
-    parser.add_argument("--concurrency", type=int, default=20)
+    parser.add_argument("--payments", type=int, default=300, help="per run (an upper bound)")
+    parser.add_argument("--concurrency", default="20", help="one, or a list: 1,5,10,20,40")
+    parser.add_argument("--seconds", type=float, default=None, help="bound each run by time")
+    parser.add_argument(
+        "--per-client",
+        type=int,
+        default=0,
+        help="with --seconds: each run goes on until each client has made this many",
+    )
     parser.add_argument("--ledger-activities", choices=("local", "regular"), default="local")
     parser.add_argument(
         "--capture-activity", choices=("local", "regular"), default=PaymentPolicy().capture_activity
@@ -170,36 +217,60 @@ async def main() -> None:
     parser.add_argument("--tracing", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    n, c = args.payments, args.concurrency
+    n = args.payments
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    if n < 1 or min(concurrencies) < 1 or (args.seconds is not None and args.seconds <= 0):
+        parser.error("--payments, every --concurrency and --seconds must be positive")
     settings = Settings(_env_file=None)
     policy = PaymentPolicy(
         ledger_activities=args.ledger_activities, capture_activity=args.capture_activity
     )
 
     async with local_servers("paysaga-e2e-") as servers:
-        await open_bench_accounts(servers.store, c)
+        await open_bench_accounts(servers.store, max(concurrencies))
         client = await observed_client(servers.client, args.sdk_metrics, args.tracing)
-        console.print(f"floor: {n} workflows, {c} at a time")
-        floor = await run_floor(client, settings, n, c)
-        console.print(f"saga: {n} payments, {c} at a time")
-        saga = await run_saga(client, servers.store, settings, policy, n, c)
-
-    ratio = round(saga.per_s / floor.per_s, 3)
-    table = Table(title="PaymentWorkflow vs the floor (dev server, SQLite file)")
-    for column in ("run", "workflows", "concurrency", "per s", "p50 ms", "p99 ms", "CPU ms"):
-        table.add_column(column, justify="right")
-    for run in (floor, saga):
-        table.add_row(
-            run.name,
-            str(run.payments),
-            str(run.concurrency),
-            f"{run.per_s:.2f}",
-            f"{run.p50_ms:.0f}",
-            f"{run.p99_ms:.0f}",
-            f"{run.process_cpu_ms:.1f}",
+        levels = await run_saga(
+            client,
+            servers.store,
+            settings,
+            policy,
+            concurrencies,
+            n,
+            args.seconds,
+            args.per_client,
         )
-    Console(width=140).print(table)
-    print(f"ratio saga/floor: {ratio:.2f}")
+
+    table = Table(title="PaymentWorkflow vs the floors (dev server, SQLite file)")
+    for column in (
+        "run",
+        "concurrency",
+        "workflows",
+        "per s",
+        "p50 ms",
+        "p99 ms",
+        "CPU ms",
+        "saga / it",
+    ):
+        table.add_column(column, justify="right")
+    for level in levels:
+        for key in ("empty", "floor", "saga"):
+            run = level[key]
+            ratio = level.get(f"saga_over_{key}")
+            table.add_row(
+                run["name"],
+                str(run["concurrency"]),
+                str(run["payments"]),
+                f"{run['per_s']:.2f}",
+                f"{run['p50_ms']:.0f}",
+                f"{run['p99_ms']:.0f}",
+                f"{run['process_cpu_ms']:.1f}",
+                "" if ratio is None else f"{ratio:.2f}",
+            )
+    Console(width=150).print(table)
+    # The last concurrency's run, under the keys a single run always had (compare.py).
+    last = levels[-1]
+    ratio = last["saga_over_floor"]
+    print(f"ratio saga/floor: {ratio:.2f}, saga/empty: {last['saga_over_empty']:.2f}")
 
     stamp = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
     out = args.out or ROOT / "bench" / "results" / f"e2e_workflow-{stamp}.json"
@@ -210,8 +281,12 @@ async def main() -> None:
                 "benchmark": "e2e_workflow",
                 "temporal": "dev server, SQLite file",
                 "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-                "floor": asdict(floor),
-                "saga": asdict(saga),
+                "seconds_per_run": args.seconds,
+                "per_client_min": args.per_client,
+                "payments_per_run_max": n,
+                "sweep": levels,
+                "floor": last["floor"],
+                "saga": last["saga"],
                 "ratio": ratio,
                 "ledger_activities": args.ledger_activities,
                 "capture_activity": args.capture_activity,

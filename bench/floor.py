@@ -1,7 +1,9 @@
-"""The floor: a workflow with the saga's step shape and no work at all.
+"""The floors: workflows with the saga's step shape, or none, and no work at all.
 
-Four regular activities that do nothing (initiate, authorize, reserve, settle), run
-one after the other. bench/e2e_workflow.py measures the real saga against it.
+FloorWorkflow runs four regular activities that do nothing (initiate, authorize,
+reserve, settle), one after the other; EmptyWorkflow returns at once, so it costs only
+what Temporal charges for a workflow that starts and completes. bench/e2e_workflow.py
+measures the real saga against both.
 """
 
 from __future__ import annotations
@@ -31,6 +33,13 @@ class FloorWorkflow:
                 start_to_close_timeout=timedelta(seconds=30),
                 retry_policy=NO_OP_RETRY,
             )
+        return payment_id
+
+
+@workflow.defn(name="EmptyWorkflow")
+class EmptyWorkflow:
+    @workflow.run
+    async def run(self, payment_id: str) -> str:
         return payment_id
 
 

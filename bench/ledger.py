@@ -22,6 +22,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -42,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 from ledger.db import to_libpq_url, with_database  # noqa: E402
 from ledger.events import (  # noqa: E402
     AccountOpened,
+    DomainEvent,
     FundsReserved,
     PaymentAuthorized,
     PaymentInitiated,
@@ -74,6 +76,38 @@ class Result:
     # noisy machine these move much less between runs than wall-clock throughput.
     client_cpu_ms_per_lifecycle: float
     server_cpu_ms_per_lifecycle: float | None
+
+
+def lifecycle_events(
+    payment_id: str, payer: str, payee: str, amount_minor: int, expires_at: datetime
+) -> list[DomainEvent]:
+    """A settled payment's four events, as the saga appends them."""
+    return [
+        PaymentInitiated(
+            payment_id=payment_id,
+            payer_account_id=payer,
+            payee_account_id=payee,
+            amount_minor=amount_minor,
+            currency="EUR",
+        ),
+        PaymentAuthorized(payment_id=payment_id, authorization_id=payment_id, processor="b"),
+        FundsReserved(
+            payment_id=payment_id,
+            payer_account_id=payer,
+            payee_account_id=payee,
+            amount_minor=amount_minor,
+            currency="EUR",
+            expires_at=expires_at,
+        ),
+        PaymentSettled(
+            payment_id=payment_id,
+            currency="EUR",
+            postings=[
+                Posting(account_id=payer, side="debit", amount_minor=amount_minor),
+                Posting(account_id=payee, side="credit", amount_minor=amount_minor),
+            ],
+        ),
+    ]
 
 
 def percentile(sorted_values: list[float], fraction: float) -> float:
@@ -125,32 +159,7 @@ async def run_scenario(
         payment_id = uuid.uuid4().hex
         stream = payment_stream(payment_id)
         correlation = f"payment-{payment_id}"
-        events = [
-            PaymentInitiated(
-                payment_id=payment_id,
-                payer_account_id=payer,
-                payee_account_id=payee,
-                amount_minor=amount,
-                currency="EUR",
-            ),
-            PaymentAuthorized(payment_id=payment_id, authorization_id=payment_id, processor="b"),
-            FundsReserved(
-                payment_id=payment_id,
-                payer_account_id=payer,
-                payee_account_id=payee,
-                amount_minor=amount,
-                currency="EUR",
-                expires_at=expires_at,
-            ),
-            PaymentSettled(
-                payment_id=payment_id,
-                currency="EUR",
-                postings=[
-                    Posting(account_id=payer, side="debit", amount_minor=amount),
-                    Posting(account_id=payee, side="credit", amount_minor=amount),
-                ],
-            ),
-        ]
+        events = lifecycle_events(payment_id, payer, payee, amount, expires_at)
         for step, event in enumerate(events):
             started = time.perf_counter()
             await store.append(
@@ -271,6 +280,8 @@ async def main() -> None:
     finally:
         if process is not None:
             stop_server(process)
+        # The cluster (and, with DATABASE_URL, the passfile): ~100 MB a run under /tmp.
+        shutil.rmtree(workdir, ignore_errors=True)
 
     table = Table(title=f"ledger: lifecycles appended straight to the store (PostgreSQL {version})")
     for column in (

@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -109,6 +110,7 @@ async def main() -> None:
     finally:
         stack.send_signal(signal.SIGINT)
         stack.wait(timeout=60)
+        shutil.rmtree(data_dir, ignore_errors=True)
 
     figures = {
         "upload_ms": {

@@ -36,6 +36,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--payments", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     results: dict[str, list[Run]] = {"update_with_start": [], "start_then_result": []}
     async with local_servers("paysaga-wait-") as servers:
@@ -84,7 +85,8 @@ async def main() -> None:
             f"{name:>18}: {summary[name]['per_s']:6.2f} payments/s, "
             f"p50 {summary[name]['p50_ms_by_round']} ms, p99 {summary[name]['p99_ms_by_round']} ms"
         )
-    out = ROOT / "bench" / "results" / f"wait_settled-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
+    stamp = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
+    out = args.out or ROOT / "bench" / "results" / f"wait_settled-{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps(
