@@ -174,10 +174,12 @@ async def list_discrepancies(
 _DRIFT_INSERT = """
 INSERT INTO recon.discrepancies (discrepancy_id, problem_key, type, payment_id, run_id,
                                  detected_at, details)
-SELECT md5(f.key)::uuid, f.key, 'internal_drift', f.payment_id, %(run)s, %(now)s,
+SELECT md5(inst.ledger_id::text || ':' || f.key)::uuid, f.key, 'internal_drift',
+       f.payment_id, %(run)s, %(now)s,
        jsonb_build_object('check', f.check_name, 'description', f.description)
   FROM unnest(%(keys)s::text[], %(payments)s::text[], %(checks)s::text[],
               %(descriptions)s::text[]) AS f(key, payment_id, check_name, description)
+ CROSS JOIN recon.installation inst
 ON CONFLICT (problem_key) DO NOTHING
 """
 _DRIFT_OF_RUN = """

@@ -300,12 +300,14 @@ SELECT 'missing_in_statement', NULL, i.item_id
    AND NOT EXISTS (SELECT FROM lines WHERE lines.item_id = i.item_id)
 """
 # Only problems not recorded before are looked up and written: an open discrepancy is
-# classified again by every run until it is matched or resolved.
+# classified again by every run until it is matched or resolved. Its id is derived from
+# the ledger's identity and the problem (migration 0016 says why).
 _RECORD = """
 INSERT INTO recon.discrepancies (
     discrepancy_id, problem_key, type, line_id, item_id, payment_id, reference, amount_minor,
     expected_amount_minor, currency, expected_currency, run_id, detected_at, details)
-SELECT md5(f.problem_key)::uuid, f.problem_key, f.type, f.line_id, f.item_id, i.payment_id,
+SELECT md5(inst.ledger_id::text || ':' || f.problem_key)::uuid, f.problem_key, f.type,
+       f.line_id, f.item_id, i.payment_id,
        coalesce(l.reference, i.reference), l.amount_minor, i.amount_minor, l.currency,
        i.currency, %(run)s, %(now)s,
        jsonb_strip_nulls(jsonb_build_object(
@@ -315,6 +317,7 @@ SELECT md5(f.problem_key)::uuid, f.problem_key, f.type, f.line_id, f.item_id, i.
   FROM (SELECT f.*, f.type || ':line=' || coalesce(f.line_id::text, '-')
                     || ':item=' || coalesce(f.item_id::text, '-') AS problem_key
           FROM recon_found f) AS f
+ CROSS JOIN recon.installation inst
   LEFT JOIN recon.statement_lines l ON l.line_id = f.line_id
   LEFT JOIN recon.items i ON i.item_id = f.item_id
  WHERE NOT EXISTS (SELECT FROM recon.discrepancies d WHERE d.problem_key = f.problem_key)

@@ -584,3 +584,43 @@ async def test_a_run_retried_under_its_id_returns_what_it_recorded(conn, books: 
     assert again.discrepancies == first.discrepancies
     assert (again.matched, again.discrepancy_counts) == (first.matched, first.discrepancy_counts)
     assert await count(conn, "runs") == 1
+
+
+async def test_a_discrepancys_id_is_its_ledgers_and_the_app_role_cannot_change_that(
+    conn, books: Books, database: IsolatedDatabase
+) -> None:
+    """Line and item ids restart in every database: derived from the problem alone, two
+    ledgers on one Temporal named different problems alike, and the second's case
+    joined the first's workflow (migration 0016)."""
+    payment = Payment(books.store, "payer-eur", "shop-eur", 3_000, "EUR")
+    await ingest(
+        conn,
+        parsed(statement("stmt-1", [line(1, payment.payment_id, 3_000)])),
+        source="upload",
+        filename=None,
+    )
+    found_now = (await run(conn, at=datetime.now(UTC))).discrepancies
+    assert len(found_now) == 1
+    ledger_id, problem_key = await (
+        await conn.execute(
+            "SELECT i.ledger_id::text, d.problem_key FROM recon.installation i, "
+            "recon.discrepancies d"
+        )
+    ).fetchone()
+    derived = uuid.UUID(hashlib.md5(f"{ledger_id}:{problem_key}".encode()).hexdigest())
+    assert str(found_now[0].discrepancy_id) == str(derived)
+    for statement_sql in (
+        "UPDATE recon.installation SET ledger_id = gen_random_uuid()",
+        "UPDATE recon.discrepancies SET discrepancy_id = md5(problem_key)::uuid",
+    ):
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            await conn.execute(statement_sql)
+    # Not even the owner can give a discrepancy an id its ledger would not derive.
+    owner = await connect_owner(database)
+    try:
+        with pytest.raises(psycopg.errors.CheckViolation):
+            await owner.execute(
+                "UPDATE recon.discrepancies SET discrepancy_id = md5(problem_key)::uuid"
+            )
+    finally:
+        await owner.close()

@@ -101,7 +101,13 @@ class PostgresServer:
                     sql.Identifier(name), sql.Identifier(template), sql.Identifier(owner)
                 )
             )
-        return IsolatedDatabase(name, self.urls_for(name))
+        urls = self.urls_for(name)
+        if migrated:
+            # A copy keeps the template's ledger identity; each test's database is a
+            # ledger of its own beside the session's one Temporal (migration 0016).
+            with psycopg.connect(to_libpq_url(urls.owner_url), autocommit=True) as conn:
+                conn.execute("UPDATE recon.installation SET ledger_id = gen_random_uuid()")
+        return IsolatedDatabase(name, urls)
 
     def drop_database(self, name: str) -> None:
         with self.admin() as conn:
