@@ -44,7 +44,7 @@ from paysaga.demo import (
 from paysaga.embedded_pg import EmbeddedPostgres
 from paysaga.settings import Settings
 from paysaga.temporal import find_binary
-from tests.harness.stack import RunningStack, clean_env, free_port, paysaga
+from tests.harness.stack import RunningStack, clean_env, free_port, paysaga, private_stack
 
 pytestmark = pytest.mark.slow
 
@@ -413,6 +413,31 @@ def test_the_demo_against_a_stack_that_is_down_says_so() -> None:
     assert "paysaga demo --up" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert result.stdout == ""
+
+
+def test_demo_up_starts_a_stack_runs_the_demo_on_it_and_stops_it() -> None:
+    """`paysaga demo --up`, for someone with nothing running: it starts the stack with
+    the demo's thresholds, runs the demo there, and (with --no-keep-up) stops it all."""
+    with private_stack() as unstarted:
+        result = paysaga(
+            "demo",
+            "--up",
+            "--no-keep-up",
+            "--small",
+            "--no-reconcile",
+            "--json",
+            env=unstarted.env,
+            timeout_s=DEMO_TIMEOUT_S,
+        )
+        log = unstarted.data_dir / "logs" / "demo-up.log"
+        assert result.returncode == 0, f"{result.stderr}\n{log.read_text() if log.exists() else ''}"
+        outcome = json.loads(result.stdout)
+        assert outcome["ok"], outcome
+        assert {p["category"] for p in outcome["payments"]} >= {"settled", "pending_approval"}
+        # Stopped: nothing answers on the stack's ports any more.
+        for port in (unstarted.api_port, unstarted.temporal_port, unstarted.ui_port):
+            with pytest.raises(httpx.TransportError):
+                httpx.get(f"http://127.0.0.1:{port}/", timeout=2)
 
 
 def temporal_cli_json(stack: RunningStack, *args: str) -> dict[str, Any]:
