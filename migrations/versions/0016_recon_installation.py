@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 from alembic import op
 
-from migrations.support import app_role
+from migrations.support import app_role, run_sql_file
 
 revision: str = "0016"
 down_revision: str | None = "0015"
@@ -32,43 +32,8 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    op.execute(
-        """
-        CREATE TABLE recon.installation (
-            singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
-            ledger_id uuid NOT NULL DEFAULT gen_random_uuid()
-        )
-        """
-    )
-    op.execute("INSERT INTO recon.installation DEFAULT VALUES")
+    run_sql_file("0016_recon_installation")
     op.execute(f"GRANT SELECT ON recon.installation TO {app_role()}")
-    # The id is still checked against what it names, now with the ledger's identity: a
-    # CHECK cannot read another table, so a trigger does, on every new or changed id.
-    # Rows recorded before keep their ids (derived without it).
-    op.execute("ALTER TABLE recon.discrepancies DROP CONSTRAINT discrepancies_id_from_problem")
-    op.execute(
-        """
-        CREATE FUNCTION recon.discrepancy_id_from_problem() RETURNS trigger
-        LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
-        BEGIN
-            IF NEW.discrepancy_id IS DISTINCT FROM md5(
-                (SELECT ledger_id FROM recon.installation)::text || ':' || NEW.problem_key
-            )::uuid THEN
-                RAISE EXCEPTION 'a discrepancy''s id is derived from the ledger''s identity '
-                    'and its problem key (%)', NEW.problem_key
-                    USING ERRCODE = 'check_violation';
-            END IF;
-            RETURN NEW;
-        END $$
-        """
-    )
-    op.execute(
-        """
-        CREATE TRIGGER discrepancies_id_from_problem
-        BEFORE INSERT OR UPDATE OF discrepancy_id, problem_key ON recon.discrepancies
-        FOR EACH ROW EXECUTE FUNCTION recon.discrepancy_id_from_problem()
-        """
-    )
 
 
 def downgrade() -> None:
