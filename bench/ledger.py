@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -226,6 +228,51 @@ def fresh_database(admin_url: str, owner_url: str, name: str, app_login_url: str
     migrate.upgrade(owner_db, APP_ROLE)
     app_url = with_database(app_login_url, name).render_as_string(hide_password=False)
     return DatabaseUrls(owner_url=owner_db, app_url=app_url, app_role=APP_ROLE)
+
+
+@dataclass(frozen=True)
+class BenchPostgres:
+    """A fresh, migrated database for one benchmark."""
+
+    urls: DatabaseUrls
+    admin_url: str
+    server: str
+    pid: int | None
+    workdir: Path
+
+
+@contextlib.contextmanager
+def bench_postgres(
+    prefix: str, name: str, *, data_root: str | None = "/tmp", keep_data: bool = False
+) -> Iterator[BenchPostgres]:
+    """A migrated database `name` on DATABASE_URL's server, or else on an embedded
+    cluster of its own (durable defaults), stopped and removed afterwards."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix, dir=data_root))
+    process = None
+    external = os.environ.get("DATABASE_URL")
+    try:
+        if external:
+            passfile = passfile_path(workdir / "secrets", APP_ROLE)
+            app_login_url = provision_app_login(external, APP_ROLE, passfile)
+            urls = fresh_database(external, external, name, app_login_url)
+            admin_url, server = external, "external"
+        else:
+            pg = EmbeddedPostgres(workdir / "pg", app_role=APP_ROLE)
+            process = pg.start(log_path=workdir / "postgres.log")
+            pg.bootstrap()
+            migrate.upgrade(pg.owner_url(), APP_ROLE)
+            urls = DatabaseUrls(owner_url=pg.owner_url(), app_url=pg.app_url(), app_role=APP_ROLE)
+            admin_url, server = pg.superuser_url(), "embedded (durable defaults)"
+        yield BenchPostgres(
+            urls, admin_url, server, process.pid if process is not None else None, workdir
+        )
+    finally:
+        if process is not None:
+            stop_server(process)
+        if keep_data:
+            print(f"data kept in {workdir} (the server is stopped)")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 async def main() -> None:

@@ -43,7 +43,6 @@ import os
 import platform
 import shutil
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -58,13 +57,11 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.ledger import fresh_database, lifecycle_events, percentile  # noqa: E402
+from bench.ledger import bench_postgres, lifecycle_events, percentile  # noqa: E402
 from ledger.db import to_libpq_url  # noqa: E402
 from ledger.events import AccountOpened, event_id_for, payment_stream  # noqa: E402
 from ledger.store import EventStore, NewEvent  # noqa: E402
-from paysaga import migrate  # noqa: E402
-from paysaga.db import DatabaseUrls, open_store, passfile_path, provision_app_login  # noqa: E402
-from paysaga.embedded_pg import EmbeddedPostgres, stop_server  # noqa: E402
+from paysaga.db import DatabaseUrls, open_store  # noqa: E402
 
 APP_ROLE = "paysaga_app"
 console = Console(stderr=True)
@@ -481,40 +478,20 @@ def print_report(growth: Growth, version: str) -> dict[str, float | None]:
 
 
 async def run(args: argparse.Namespace, sizes: list[int]) -> None:
-    workdir = Path(tempfile.mkdtemp(prefix="bench-growth-", dir=args.data_root))
-    process = None
-    external = os.environ.get("DATABASE_URL")
-    try:
-        if external:
-            passfile = passfile_path(workdir / "secrets", APP_ROLE)
-            app_login_url = provision_app_login(external, APP_ROLE, passfile)
-            urls = fresh_database(external, external, "bench_growth", app_login_url)
-            admin_url = external
-            server = "external"
-        else:
-            pg = EmbeddedPostgres(workdir / "pg", app_role=APP_ROLE)
-            process = pg.start(log_path=workdir / "postgres.log")
-            pg.bootstrap()
-            migrate.upgrade(pg.owner_url(), APP_ROLE)
-            urls = DatabaseUrls(owner_url=pg.owner_url(), app_url=pg.app_url(), app_role=APP_ROLE)
-            admin_url = pg.superuser_url()
-            server = "embedded (durable defaults)"
-        with psycopg.connect(to_libpq_url(urls.owner_url)) as conn:
+    with bench_postgres("bench-growth-", "bench_growth", data_root=args.data_root) as db:
+        with psycopg.connect(to_libpq_url(db.urls.owner_url)) as conn:
             version = str(conn.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
-        console.print(f"PostgreSQL {version}, {server}; sizes {sizes}")
+        console.print(f"PostgreSQL {version}, {db.server}; sizes {sizes}")
         growth = await grow_and_measure(
-            urls,
-            admin_url,
-            workdir,
+            db.urls,
+            db.admin_url,
+            db.workdir,
             sizes,
             args.lifecycles,
             args.generate_workers,
             args.generate_budget_s,
         )
-    finally:
-        if process is not None:
-            stop_server(process)
-        shutil.rmtree(workdir, ignore_errors=True)
+    server = db.server
 
     if not growth.stages:
         raise SystemExit("no size could be measured")

@@ -49,9 +49,7 @@ import json
 import os
 import platform
 import random
-import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -67,11 +65,9 @@ SCRIPT = Path(__file__).resolve()
 ROOT = SCRIPT.parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.ledger import fresh_database, server_cpu_s  # noqa: E402
+from bench.ledger import bench_postgres, server_cpu_s  # noqa: E402
 from ledger.db import to_libpq_url  # noqa: E402
-from paysaga import migrate  # noqa: E402
-from paysaga.db import DatabaseUrls, passfile_path, provision_app_login  # noqa: E402
-from paysaga.embedded_pg import EmbeddedPostgres, stop_server  # noqa: E402
+from paysaga.db import DatabaseUrls  # noqa: E402
 from recon.formats.base import ParsedFile, ParsedStatement, StatementLine  # noqa: E402
 from recon.matching import PHASES, RunResult, reconcile  # noqa: E402
 from recon.rules import MatchRules  # noqa: E402
@@ -495,36 +491,15 @@ def report(figures: Figures, version: str) -> None:
 
 
 async def run(args: argparse.Namespace) -> None:
-    workdir = Path(tempfile.mkdtemp(prefix="bench-recon-", dir="/tmp"))
-    process = None
-    external = os.environ.get("DATABASE_URL")
-    try:
-        if external:
-            passfile = passfile_path(workdir / "secrets", APP_ROLE)
-            app_login_url = provision_app_login(external, APP_ROLE, passfile)
-            urls = fresh_database(external, external, "bench_recon", app_login_url)
-            admin_url = external
-            server = "external"
-        else:
-            pg = EmbeddedPostgres(workdir / "pg", app_role=APP_ROLE)
-            process = pg.start(log_path=workdir / "postgres.log")
-            pg.bootstrap()
-            migrate.upgrade(pg.owner_url(), APP_ROLE)
-            urls = DatabaseUrls(owner_url=pg.owner_url(), app_url=pg.app_url(), app_role=APP_ROLE)
-            admin_url = pg.superuser_url()
-            server = "embedded (durable defaults)"
-        conn = await connect(urls.owner_url)
+    with bench_postgres("bench-recon-", "bench_recon") as db:
+        conn = await connect(db.urls.owner_url)
         try:
             cursor = await conn.execute("SHOW server_version")
             version = str((await cursor.fetchone() or ["?"])[0])
         finally:
             await conn.close()
-        console.print(f"PostgreSQL {version}, {server}; {args.lines:,} lines")
-        figures = await bench(args, urls, admin_url, process.pid if process is not None else None)
-    finally:
-        if process is not None:
-            stop_server(process)
-        shutil.rmtree(workdir, ignore_errors=True)
+        console.print(f"PostgreSQL {version}, {db.server}; {args.lines:,} lines")
+        figures = await bench(args, db.urls, db.admin_url, db.pid)
 
     report(figures, version)
     stamp = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
@@ -535,7 +510,7 @@ async def run(args: argparse.Namespace) -> None:
             {
                 "benchmark": "recon",
                 "postgres_version": version,
-                "postgres": server,
+                "postgres": db.server,
                 "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
                 "config": {
                     "lines": args.lines,

@@ -47,10 +47,8 @@ import os
 import platform
 import random
 import re
-import shutil
 import signal
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -69,7 +67,7 @@ ROOT = SCRIPT.parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import percentile  # noqa: E402
-from bench.ledger import fresh_database, server_cpu_s  # noqa: E402
+from bench.ledger import bench_postgres, server_cpu_s  # noqa: E402
 from ledger.db import to_libpq_url  # noqa: E402
 from ledger.events import (  # noqa: E402
     FundsReserved,
@@ -95,8 +93,7 @@ from ledger.replay import (  # noqa: E402
     safe_seq,
 )
 from ledger.store import EventStore, NewEvent  # noqa: E402
-from paysaga.db import DatabaseUrls, passfile_path, provision_app_login  # noqa: E402
-from paysaga.embedded_pg import EmbeddedPostgres, stop_server  # noqa: E402
+from paysaga.db import DatabaseUrls  # noqa: E402
 
 APP_ROLE = "paysaga_app"
 console = Console(stderr=True)
@@ -1236,33 +1233,8 @@ def print_report(
 
 
 async def run(args: argparse.Namespace) -> None:
-    workdir = Path(tempfile.mkdtemp(prefix="bench-replay-", dir="/tmp"))
-    process = None
-    external = os.environ.get("DATABASE_URL")
-    try:
-        if external:
-            passfile = passfile_path(workdir / "secrets", APP_ROLE)
-            app_login_url = provision_app_login(external, APP_ROLE, passfile)
-            urls = fresh_database(external, external, "bench_replay", app_login_url)
-            server = "external"
-        else:
-            pg = EmbeddedPostgres(workdir / "pg", app_role=APP_ROLE)
-            process = pg.start(log_path=workdir / "postgres.log")
-            pg.bootstrap()
-            from paysaga import migrate
-
-            migrate.upgrade(pg.owner_url(), APP_ROLE)
-            urls = DatabaseUrls(owner_url=pg.owner_url(), app_url=pg.app_url(), app_role=APP_ROLE)
-            server = "embedded (durable defaults)"
-        server_pid = process.pid if process is not None else None
-        await bench(args, urls, server, server_pid)
-    finally:
-        if process is not None:
-            stop_server(process)
-        if args.keep_data:
-            console.print(f"data kept in {workdir} (the server is stopped)")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+    with bench_postgres("bench-replay-", "bench_replay", keep_data=args.keep_data) as db:
+        await bench(args, db.urls, db.server, db.pid)
 
 
 async def bench(
