@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 from temporalio.client import Client  # noqa: E402
 from temporalio.contrib.pydantic import pydantic_data_converter  # noqa: E402
 
-from bench.common import drive, run_floor  # noqa: E402
+from bench.common import add_sweep_arguments, drive, run_floor, sweep_concurrencies  # noqa: E402
 from paysaga.payments import policy_from_settings, start_payment  # noqa: E402
 from paysaga.settings import Settings  # noqa: E402
 from workflows.models import PaymentRequest  # noqa: E402
@@ -116,21 +116,11 @@ def start_stack(data_dir: Path) -> tuple[subprocess.Popen[bytes], dict[str, str]
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--payments", type=int, default=300, help="per run (an upper bound)")
-    parser.add_argument("--concurrency", default="16", help="one, or a list: 1,5,10,20,40")
-    parser.add_argument("--seconds", type=float, default=None, help="bound each run by time")
-    parser.add_argument(
-        "--per-client",
-        type=int,
-        default=0,
-        help="with --seconds: each run goes on until each client has made this many",
-    )
+    add_sweep_arguments(parser, concurrency_default="16")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     n, seconds_max = args.payments, args.seconds
-    concurrencies = [int(c) for c in args.concurrency.split(",")]
-    if n < 1 or min(concurrencies) < 1 or (seconds_max is not None and seconds_max <= 0):
-        parser.error("--payments, every --concurrency and --seconds must be positive")
+    concurrencies = sweep_concurrencies(parser, args)
     c = concurrencies[-1]
     lanes = max(concurrencies)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import shutil
 import tempfile
@@ -42,6 +43,33 @@ class Run:
     p99_ms: float
     # CPU this process spent per workflow (client and, where it runs here, the worker).
     process_cpu_ms: float = 0.0
+
+
+def add_sweep_arguments(parser: argparse.ArgumentParser, concurrency_default: str) -> None:
+    """The options of a run swept over concurrencies (e2e_workflow.py and api.py)."""
+    parser.add_argument("--payments", type=int, default=300, help="per run (an upper bound)")
+    parser.add_argument(
+        "--concurrency", default=concurrency_default, help="one, or a list: 1,5,10,20,40"
+    )
+    parser.add_argument("--seconds", type=float, default=None, help="bound each run by time")
+    parser.add_argument(
+        "--per-client",
+        type=int,
+        default=0,
+        help="with --seconds: each run goes on until each client has made this many",
+    )
+
+
+def sweep_concurrencies(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[int]:
+    """--concurrency as a list, once every sweep option is checked to be positive."""
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    if (
+        args.payments < 1
+        or min(concurrencies) < 1
+        or (args.seconds is not None and args.seconds <= 0)
+    ):
+        parser.error("--payments, every --concurrency and --seconds must be positive")
+    return concurrencies
 
 
 def percentile(values: list[float], fraction: float) -> float:

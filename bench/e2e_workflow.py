@@ -59,7 +59,13 @@ from opentelemetry.sdk.trace.export import (  # noqa: E402
 )
 from temporalio.client import Client, Interceptor  # noqa: E402
 
-from bench.common import drive, local_servers, run_floor  # noqa: E402
+from bench.common import (  # noqa: E402
+    add_sweep_arguments,
+    drive,
+    local_servers,
+    run_floor,
+    sweep_concurrencies,
+)
 from ledger.events import AccountOpened  # noqa: E402
 from ledger.store import EventStore  # noqa: E402
 from paysaga.payments import start_payment  # noqa: E402
@@ -200,15 +206,7 @@ async def observed_client(client: Client, sdk_metrics: bool, tracing: bool) -> C
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--payments", type=int, default=300, help="per run (an upper bound)")
-    parser.add_argument("--concurrency", default="20", help="one, or a list: 1,5,10,20,40")
-    parser.add_argument("--seconds", type=float, default=None, help="bound each run by time")
-    parser.add_argument(
-        "--per-client",
-        type=int,
-        default=0,
-        help="with --seconds: each run goes on until each client has made this many",
-    )
+    add_sweep_arguments(parser, concurrency_default="20")
     parser.add_argument("--ledger-activities", choices=("local", "regular"), default="local")
     parser.add_argument(
         "--capture-activity", choices=("local", "regular"), default=PaymentPolicy().capture_activity
@@ -218,9 +216,7 @@ async def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     n = args.payments
-    concurrencies = [int(c) for c in args.concurrency.split(",")]
-    if n < 1 or min(concurrencies) < 1 or (args.seconds is not None and args.seconds <= 0):
-        parser.error("--payments, every --concurrency and --seconds must be positive")
+    concurrencies = sweep_concurrencies(parser, args)
     settings = Settings(_env_file=None)
     policy = PaymentPolicy(
         ledger_activities=args.ledger_activities, capture_activity=args.capture_activity
