@@ -347,45 +347,92 @@ async def test_the_application_role_cannot_change_history_or_positions(
         conn.execute(statement)
 
 
+# The ledger's relations and what the application role may do with each: read, no more.
+# `ledger_horizon_marks` is the safe horizon's, written and read by its function only.
+LEDGER_RELATIONS = {
+    "events": {"SELECT"},
+    "streams": {"SELECT"},
+    "accounts": {"SELECT"},
+    "positions": {"SELECT"},
+    "account_positions": {"SELECT"},
+    "ledger_transitions": {"SELECT"},
+    "ledger_event_types": {"SELECT"},
+    "ledger_blocks": {"SELECT"},
+    "ledger_horizon_marks": set(),
+    "events_global_seq": set(),
+}
+# The functions it may call: the append, the safe horizon and the seal (each SECURITY
+# DEFINER, checking its caller's every argument); the credit stripe, a pure function of
+# its arguments that a view calls (a view's caller needs EXECUTE on what it calls); and,
+# through PUBLIC, the immutability trigger's function, which can only fire as a trigger.
+LEDGER_FUNCTIONS = {
+    "ledger_append",
+    "ledger_safe_horizon",
+    "ledger_seal",
+    "ledger_credit_stripe",
+    "events_refuse_change",
+}
+SECURITY_DEFINER_FUNCTIONS = {"ledger_append", "ledger_safe_horizon", "ledger_seal"}
+TABLE_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER")
+COLUMN_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "REFERENCES")
+SEQUENCE_PRIVILEGES = ("USAGE", "SELECT", "UPDATE")
+_LEDGER_NAMES = (
+    "c.relname IN ('events', 'streams', 'accounts', 'positions', 'account_positions') "
+    "OR c.relname LIKE 'ledger\\_%%' OR c.relname LIKE 'events\\_%%'"
+)
+
+
 async def test_the_application_role_holds_only_select_on_the_ledger_and_execute_on_its_functions(
-    accounts: EventStore, database: IsolatedDatabase
+    database: IsolatedDatabase,
 ) -> None:
-    tables = (
-        "events",
-        "streams",
-        "accounts",
-        "positions",
-        "ledger_transitions",
-        "ledger_event_types",
-        "ledger_blocks",
-        "ledger_horizon_marks",
-    )
+    """Listed, not tried: every privilege the services' login holds on the ledger's
+    relations and functions, granted to it, to PUBLIC or to a role it belongs to, on a
+    table or on one column. A GRANT beyond SELECT and EXECUTE fails here, and so does a
+    new ledger relation until its privileges are written down above."""
     with _app_connection(database) as conn:
-        granted = {
-            (table, privilege)
-            for table in tables
-            for privilege in ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES")
-            if conn.execute("SELECT has_table_privilege(%s, %s)", (table, privilege)).fetchone()[0]  # type: ignore[index]
-        }
-        functions = {
-            str(row[0]): bool(row[1])
-            for row in conn.execute(
-                "SELECT p.proname, has_function_privilege(p.oid, 'EXECUTE') FROM pg_proc p "
-                "JOIN pg_namespace n ON n.oid = p.pronamespace "
-                "WHERE n.nspname = 'public' AND p.proname LIKE 'ledger%%'"
-            )
-        }
-        sequence = conn.execute(
-            "SELECT has_sequence_privilege('events_global_seq', 'USAGE')"
-        ).fetchone()
-    assert granted == {(t, "SELECT") for t in tables if t != "ledger_horizon_marks"}
-    assert {name for name, allowed in functions.items() if allowed} == {
-        "ledger_append",
-        "ledger_safe_horizon",
-        "ledger_seal",
-        "ledger_credit_stripe",  # a pure function of its arguments, used by a view
-    }
-    assert sequence is not None and sequence[0] is False
+        version = int(str(conn.execute("SHOW server_version_num").fetchone()[0]))  # type: ignore[index]
+        table_privileges = TABLE_PRIVILEGES + (("MAINTAIN",) if version >= 170_000 else ())
+        relations = conn.execute(
+            "SELECT c.oid, c.relname, c.relkind FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S') "
+            f"AND ({_LEDGER_NAMES})"
+        ).fetchall()
+        granted: dict[str, set[str]] = {}
+        for oid, name, kind in relations:
+            held = granted.setdefault(str(name), set())
+            if kind == "S":
+                for privilege in SEQUENCE_PRIVILEGES:
+                    if conn.execute(
+                        "SELECT has_sequence_privilege(%s, %s)", (oid, privilege)
+                    ).fetchone()[0]:  # type: ignore[index]
+                        held.add(privilege)
+                continue
+            for privilege in table_privileges:
+                query = "SELECT has_table_privilege(%s, %s)"
+                if privilege in COLUMN_PRIVILEGES:
+                    query = "SELECT has_any_column_privilege(%s, %s)"  # table or any column
+                if conn.execute(query, (oid, privilege)).fetchone()[0]:  # type: ignore[index]
+                    held.add(privilege)
+        functions = conn.execute(
+            "SELECT p.proname, p.prosecdef FROM pg_proc p "
+            "JOIN pg_namespace n ON n.oid = p.pronamespace "
+            "WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') "
+            "AND has_function_privilege(p.oid, 'EXECUTE') "
+            "AND (p.prosecdef OR p.proname LIKE 'ledger\\_%%' OR p.proname LIKE 'events\\_%%')"
+        ).fetchall()
+        # Nor may it create what the ledger's functions would find, or become the owner.
+        schema_create, owner_member = conn.execute(
+            "SELECT has_schema_privilege('public', 'CREATE'), "
+            "pg_has_role(current_user, (SELECT relowner FROM pg_class "
+            "WHERE oid = 'public.events'::regclass), 'MEMBER')"
+        ).fetchone()  # type: ignore[misc]
+        with pytest.raises(psycopg.errors.FeatureNotSupported, match="only be called as triggers"):
+            conn.execute("SELECT events_refuse_change()")
+    assert granted == LEDGER_RELATIONS
+    assert {str(name) for name, _ in functions} == LEDGER_FUNCTIONS
+    assert {str(name) for name, definer in functions if definer} == SECURITY_DEFINER_FUNCTIONS
+    assert (schema_create, owner_member) == (False, False)
 
 
 @pytest.mark.parametrize(

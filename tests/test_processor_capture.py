@@ -25,7 +25,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
-from temporalio.testing import WorkflowEnvironment
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 
 from activities.ledger import LedgerActivities
 from activities.processor import ProcessorActivities, ProcessorUnavailable, SimulatedProcessor
@@ -129,6 +130,57 @@ async def test_concurrent_captures_and_fences_of_one_payment_agree(app_engine: A
             assert len(captures) == 3 and {c.capture_id for c in captures} == {fence.capture_id}
         else:
             assert captures == []
+
+
+async def test_a_void_is_refused_until_the_ledger_says_the_payment_cannot_settle(
+    bank: EventStore,
+) -> None:
+    """`processor.void` asks the ledger before it voids: a payment the ledger has settled,
+    or could still settle (authorized, reserved, its hold released but its authorization
+    not yet voided in the ledger), keeps its authorization at the processor as it was."""
+    processor = SimulatedProcessor(bank.engine)
+    void = ProcessorActivities(processor, LedgerActivities(bank)).void
+    # The ledger's state -> its steps, and the authorization's status at the processor.
+    cases = {
+        "authorized": (["authorized"], "authorized"),
+        "reserved": (["authorized", "reserved"], "authorized"),
+        "released": (["authorized", "reserved", "released"], "authorized"),
+        "settled": (["authorized", "reserved", "settled"], "captured"),
+        "voided": (["authorized", "reserved", "released", "voided"], "authorized"),
+    }
+    payment_ids = {}
+    for state, (steps, status) in cases.items():
+        payment = LedgerPayment(bank, "alice", "bob", 1_000)
+        await payment.run("initiated", *steps)
+        await _authorized(processor, payment.payment_id, 1_000)
+        if status == "captured":
+            assert (await processor.capture(_capture(payment.payment_id, 1_000), 1)).captured
+        payment_ids[state] = payment.payment_id
+
+    for state, payment_id in payment_ids.items():
+        voiding = ActivityEnvironment().run(void, VoidRequest(payment_id=payment_id, reason="t"))
+        if state == "voided":
+            result = await voiding
+            assert (result.voided, result.captured) == (True, False)
+            continue
+        with pytest.raises(
+            ApplicationError, match=f"ledger has payment {payment_id} {state}:"
+        ) as refused:
+            await voiding
+        assert (refused.value.type, refused.value.non_retryable) == ("void_refused", True)
+
+    async with bank.engine.connect() as conn:
+        rows = await conn.execute(text("SELECT payment_id, status FROM processor_authorizations"))
+        statuses = {str(row.payment_id): str(row.status) for row in rows}
+        rows = await conn.execute(
+            text("SELECT payment_id FROM processor_calls WHERE operation = 'void'")
+        )
+        voids = [str(row.payment_id) for row in rows]
+    assert statuses == {
+        payment_ids[state]: "voided" if state == "voided" else status
+        for state, (_, status) in cases.items()
+    }
+    assert voids == [payment_ids["voided"]]
 
 
 # --- the saga -------------------------------------------------------------------------------

@@ -5,24 +5,41 @@ no terminal event, ever; the hold and the processor's authorization stayed; `led
 verify` and `ledger check` said OK; and cancel answered 409. Now the API tells the
 truth while the repair is pending, and within one sweep each payment ends FAILED,
 with no hold and its authorization voided exactly once (or fenced, if it had none).
+A workflow that timed out or failed, or that Temporal no longer knows, is repaired the
+same way.
 """
 
 from __future__ import annotations
 
 import json
+import uuid
+from datetime import timedelta
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
+from temporalio import activity
 from temporalio.api.enums.v1 import EventType
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
+from temporalio.exceptions import ApplicationError
 
+from activities.ledger import LedgerActivities
+from activities.processor import ProcessorActivities, SimulatedProcessor
+from activities.sweeper import SweeperActivities
 from api.app import create_app
 from ledger.store import EventStore
 from paysaga.settings import Settings
 from tests.harness.api import Api, make_keys, serve
 from tests.harness.operators import Gate, gated_worker, sweep, temporal_cli
 from tests.harness.saga import APPROVAL_POLICY, Payments, wait_for, wait_for_state
-from workflows.models import PaymentOutcome
+from worker import build_worker
+from workflows.models import (
+    CaptureFence,
+    CaptureRequest,
+    CaptureResult,
+    FenceRequest,
+    PaymentOutcome,
+    PaymentRequest,
+)
 from workflows.payment import PaymentWorkflow
 
 pytestmark = pytest.mark.slow
@@ -155,6 +172,119 @@ async def test_a_terminated_payment_is_repaired_within_one_sweep(
     assert (alice.debits_pending, bob.credits_pending, alice.posted_minor) == (0, 0, 500_000)
 
 
+class _FailingTheSaga(SimulatedProcessor):
+    """A processor plug-in that refuses the saga's capture, then fails the saga's capture
+    fence with an error Temporal does not retry: the saga's close stops there, and its
+    workflow fails with the payment reserved. Called by the sweeper (from its own
+    activity, not the saga's), the fence and the void are the simulator's."""
+
+    async def capture(self, request: CaptureRequest, attempt: int) -> CaptureResult:
+        return CaptureResult(captured=False, refusal="refused by the test's processor")
+
+    async def fence_capture(self, request: FenceRequest, attempt: int) -> CaptureFence:
+        if activity.info().activity_type == "processor.fence_capture":
+            raise ApplicationError(
+                "the processor rejects the request", type="bad_request", non_retryable=True
+            )
+        return await super().fence_capture(request, attempt)
+
+
+# Long enough to reach PENDING_APPROVAL on a busy machine (0.3 s measured at a load of 8),
+# short enough to wait out.
+RUN_TIMEOUT = timedelta(seconds=2.5)
+
+
+async def test_a_payment_whose_workflow_timed_out_or_failed_is_repaired_within_one_sweep(
+    temporal_client: Client,
+    bank: EventStore,
+    settings: Settings,
+    task_queue: str,
+    owner_engine: AsyncEngine,
+) -> None:
+    """The other ways a workflow ends with its payment open: it timed out waiting for
+    approval (an execution timeout set when it was started), or it failed (its close hit an error
+    Temporal does not retry) with the hold still held. A workflow cancelled from the UI
+    or the API never ends CANCELED with its payment open: `run` closes the payment,
+    shielded, before it lets the cancellation through, and if that close fails the
+    workflow ends FAILED, as here."""
+    ledger = LedgerActivities(bank)
+    authorizer = _FailingTheSaga(bank.engine)
+    activities = [
+        *ledger.all(),
+        *ProcessorActivities(authorizer, ledger).all(),
+        *SweeperActivities(ledger, authorizer, temporal_client).all(),
+    ]
+    async with build_worker(
+        temporal_client, settings, task_queue=task_queue, activities=activities
+    ):
+        payments = Payments(temporal_client, bank, task_queue)
+        request = PaymentRequest(
+            payment_id=f"pay-{uuid.uuid4().hex[:12]}",
+            payer_account_id="alice",
+            payee_account_id="bob",
+            amount_minor=6_000,
+            currency="EUR",
+            requested_by="test",
+            policy=APPROVAL_POLICY,
+        )
+        timed = await temporal_client.start_workflow(
+            PaymentWorkflow.run,
+            request,
+            id=request.workflow_id,
+            task_queue=task_queue,
+            execution_timeout=RUN_TIMEOUT,
+        )
+        failing = await payments.start("alice", "bob", 1_000)
+        await wait_for_state(timed, lambda s: s.status == "PENDING_APPROVAL")
+        with pytest.raises(WorkflowFailureError):
+            await failing.result()
+        timed_id, failed_id = request.payment_id, failing.id.removeprefix("payment-")
+        # The failed workflow left its hold behind.
+        assert (await bank.get_position("alice")).debits_pending == 1_000
+
+        keys = await make_keys(owner_engine, settings.api_key_secret.get_secret_value())
+        app = create_app(settings, store=bank, temporal_client=temporal_client)
+
+        async def timed_out() -> bool:
+            return (await timed.describe()).status == WorkflowExecutionStatus.TIMED_OUT
+
+        await wait_for(timed_out, timeout_s=30, what="the run timeout")
+        expected = {
+            timed_id: ("PENDING_APPROVAL", "TIMED_OUT", "its workflow timed out"),
+            failed_id: ("RESERVED", "FAILED", "its workflow failed before it closed the payment"),
+        }
+        async with serve(app) as http:
+            api = Api(http, keys)
+            # While the repair is pending, reads say what the ledger says, and how the
+            # workflow ended.
+            for payment_id, (state, workflow_status, _) in expected.items():
+                read = (await api.get(f"/v1/payments/{payment_id}")).json()
+                assert (read["status"], read["workflow_status"]) == (state, workflow_status)
+                assert read["repair_pending"] is True
+
+            report = await sweep(temporal_client, task_queue)
+            assert {r.payment_id: r.cause for r in report.repaired} == {
+                payment_id: cause for payment_id, (_, _, cause) in expected.items()
+            }
+            for payment_id in expected:
+                read = (await api.get(f"/v1/payments/{payment_id}")).json()
+                assert read["status"] == "FAILED" and read["repair_pending"] is False
+
+        assert await payments.event_types(timed_id) == CASES["PENDING_APPROVAL"][1]
+        assert await payments.event_types(failed_id) == CASES["RESERVED"][1]
+        for payment_id, (_, _, cause) in expected.items():
+            failed = (await bank.read_stream(f"payment-{payment_id}"))[-1]
+            assert (failed.payload["step"], failed.payload["reason"]) == ("repair", cause)
+            assert failed.actor == "sweeper"
+            calls = await payments.processor_calls(payment_id)
+            assert calls.count(("void", "voided")) == 1, calls
+            assert await payments.authorization_status(payment_id) == "voided"
+            assert await payments.captures(payment_id) == []
+        assert ("fence_capture", "fenced") in await payments.processor_calls(failed_id)
+    alice, bob = await bank.get_position("alice"), await bank.get_position("bob")
+    assert (alice.debits_pending, bob.credits_pending, alice.posted_minor) == (0, 0, 500_000)
+
+
 async def test_a_running_payment_is_left_alone_by_the_sweeper(
     temporal_client: Client, bank: EventStore, settings: Settings, task_queue: str
 ) -> None:
@@ -244,9 +374,6 @@ async def test_a_payment_its_own_workflow_closed_after_the_listing_is_not_repair
     each; a payment whose workflow completed in between (closing it in the ledger) was
     reported as repaired ("its workflow ended (COMPLETED) with the payment open"),
     though the ledger had closed it and the sweep appended nothing."""
-    from activities.ledger import LedgerActivities
-    from activities.processor import SimulatedProcessor
-    from activities.sweeper import SweeperActivities
     from tests.harness.ledger import Payment
     from workflows.models import SweepRequest
 
