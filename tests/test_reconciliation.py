@@ -18,7 +18,8 @@ import psycopg
 import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowExecutionDescription
+from temporalio.service import RPCError, RPCStatusCode
 
 from activities.settlement_report import build_settlement_report
 from api.app import create_app
@@ -39,6 +40,7 @@ from tests.harness.read_side import project
 from tests.harness.saga import Payments
 from tests.harness.stack import clean_env, paysaga
 from worker import build_worker, worker_activities
+from workflows.search_attributes import DISCREPANCY_TYPE
 
 # An uploaded statement's discrepancies are in the ledger within this: the upload test
 # asserts it (measured 1.3 to 1.6 s, and printed in the test's output).
@@ -96,6 +98,18 @@ async def wait_for_events(store: EventStore, event_type: str, count: int) -> lis
         found = await ledger_events(store, event_type)
         if len(found) >= count or time.monotonic() > deadline:
             return found
+        await asyncio.sleep(0.1)
+
+
+async def describe_when_started(client: Client, workflow_id: str) -> WorkflowExecutionDescription:
+    """The workflow's description, once it has been started (within the deadline)."""
+    deadline = time.monotonic() + EVENTS_WAIT_S
+    while True:
+        try:
+            return await client.get_workflow_handle(workflow_id).describe()
+        except RPCError as error:
+            if error.status != RPCStatusCode.NOT_FOUND or time.monotonic() > deadline:
+                raise
         await asyncio.sleep(0.1)
 
 
@@ -223,6 +237,20 @@ async def test_an_uploaded_statement_is_matched_within_seconds_and_each_discrepa
     assert "2,050" not in open_["amount_mismatch"]["summary"]
     assert "20.50 EUR" in open_["amount_mismatch"]["summary"]
     assert (await recon.api.get("/v1/discrepancies", caller="client")).status_code == 403
+
+    # Each has its workflow, found in the Temporal UI by DiscrepancyType, headed by the
+    # problem in a sentence, and naming the payment's workflow where there is a payment.
+    for type_, listed_one in open_.items():
+        described = await describe_when_started(recon.client, f"discrepancy-{listed_one['id']}")
+        assert described.typed_search_attributes.get(DISCREPANCY_TYPE) == type_
+        assert await described.static_summary() == listed_one["summary"]
+        details = await described.static_details() or ""
+        payment_id = by_type[type_]["payment_id"]
+        if payment_id is None:
+            assert "payment-" not in details, details
+        else:
+            assert f"Payment workflow: payment-{payment_id}" in details, details
+    assert by_type["missing_in_ledger"]["payment_id"] is None
 
     # An operator resolves one: the workflow records it in the ledger, once.
     target = open_["amount_mismatch"]["id"]
