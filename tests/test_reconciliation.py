@@ -603,48 +603,67 @@ async def test_bank_statements_in_each_format_built_from_real_settlements_are_re
     wrong_amount = Payment(store, "alice", "bob", 2_200)
     duplicated = Payment(store, "alice", "bob", 3_300)
     missing = Payment(store, "alice", "bob", 4_400)
-    for payment in [*matched, wrong_amount, duplicated, missing]:
+    wrong_currency = Payment(store, "alice", "bob", 5_500)
+    for payment in [*matched, wrong_amount, duplicated, missing, wrong_currency]:
         await payment.settle_fully()
     settled = await _settled_lines(recon)
     bai2 = statement_format == "bai2"  # BAI2 carries no end-to-end id: the bank reference
 
-    def line(reference: str, amount_minor: int, day: date) -> Any:
+    def line(reference: str, amount_minor: int, day: date, currency: str = "EUR") -> Any:
         if bai2:
-            return bank_line(amount_minor, "EUR", day, bank_reference=reference)
-        return bank_line(amount_minor, "EUR", day, end_to_end_id=reference)
+            return bank_line(amount_minor, currency, day, bank_reference=reference)
+        return bank_line(amount_minor, currency, day, end_to_end_id=reference)
 
     lines = [
         line(ref, amount + (25 if ref == wrong_amount.payment_id else 0), day)
         for ref, (day, _, amount, _) in settled.items()
-        if ref != missing.payment_id
+        if ref not in (missing.payment_id, wrong_currency.payment_id)
     ]
     day = lines[0].value_date
     lines += [line(duplicated.payment_id, 3_300, day), line("ghost-transfer", 990, day)]
+    # A EUR settlement reported in dollars. camt.053 gives each entry its own currency,
+    # so the line sits in the EUR statement; MT940 and BAI2 give one currency to a whole
+    # statement (account), so the line is in a second, USD statement of the same file.
+    in_dollars = line(wrong_currency.payment_id, 5_500, day, "USD")
     account = "NL91ABNA0417164300"
-    built = statement(f"stmt-{uuid.uuid4().hex[:8]}", account, lines, currency="EUR")
+    statement_id = f"stmt-{uuid.uuid4().hex[:8]}"
     if statement_format.startswith("camt"):
-        content = build_camt053([built], version=statement_format.removeprefix("camt.053."))
-    elif statement_format == "mt940":
-        content = build_mt940([built])
+        built = [statement(statement_id, account, [*lines, in_dollars], currency="EUR")]
+        content = build_camt053(built, version=statement_format.removeprefix("camt.053."))
     else:
-        content = build_bai2([built])
+        built = [
+            statement(statement_id, account, lines, currency="EUR"),
+            statement(f"usd-{statement_id[5:]}", "US-OPERATING-2", [in_dollars], currency="USD"),
+        ]
+        content = build_mt940(built) if statement_format == "mt940" else build_bai2(built)
+    assert sum(len(s.lines) for s in parse_statement(content).statements) == len(lines) + 1
     uploaded = await recon.upload(f"statement.{statement_format}", content)
     assert uploaded.status_code == 201, uploaded.text
     assert uploaded.json()["format"] == statement_format
 
-    detected = await recon.wait_for_events("DiscrepancyDetected", 4)
-    found = {
+    # The run's DiscrepancyDetected events are appended before its ReconciliationCompleted.
+    completed = await recon.wait_for_events("ReconciliationCompleted", 1)
+    detected = await recon.events("DiscrepancyDetected")
+    found = [
         (e.payload["discrepancy_type"], e.payload["payment_id"] or e.payload["reference"])
         for e in detected
-    }
-    assert found == {
-        ("amount_mismatch", wrong_amount.payment_id),
-        ("duplicate_in_statement", duplicated.payment_id),
-        ("missing_in_statement", missing.payment_id),
-        ("missing_in_ledger", "ghost-transfer"),
-    }
-    completed = await recon.wait_for_events("ReconciliationCompleted", 1)
-    assert completed[0].payload["lines_matched"] == len(settled) - 2
+    ]
+    assert sorted(found) == sorted(
+        [
+            ("amount_mismatch", wrong_amount.payment_id),
+            ("currency_mismatch", wrong_currency.payment_id),
+            ("duplicate_in_statement", duplicated.payment_id),
+            ("missing_in_statement", missing.payment_id),
+            ("missing_in_ledger", "ghost-transfer"),
+        ]
+    )
+    (currency,) = [
+        e.payload for e in detected if e.payload["discrepancy_type"] == "currency_mismatch"
+    ]
+    assert (currency["statement_currency"], currency["ledger_currency"]) == ("USD", "EUR")
+    assert (currency["statement_amount_minor"], currency["ledger_amount_minor"]) == (5_500, 5_500)
+    assert completed[0].payload["discrepancies"] == 5
+    assert completed[0].payload["lines_matched"] == len(settled) - 3
 
 
 async def test_open_discrepancies_show_in_the_metrics_and_overdue_ones_raise_the_alert(
