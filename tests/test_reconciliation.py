@@ -701,34 +701,38 @@ async def test_paysaga_recon_run_reports_a_run_with_its_counts(
     assert completed[0].payload["kind"] == "manual"
 
 
-async def test_a_read_model_that_disagrees_with_the_ledger_is_internal_drift(
+async def test_a_read_model_or_a_position_that_disagrees_with_the_ledger_is_internal_drift(
     recon: Recon, database: IsolatedDatabase, owner_engine: AsyncEngine
 ) -> None:
+    """The owner changes a read model's row and a position's row behind the ledger's
+    back: one run names each, as internal drift."""
     await project(recon.store, database)
+    tampered = (
+        "UPDATE projection.balances SET credits_posted = credits_posted {op} 1 "
+        "WHERE account_id = 'bob'",
+        "UPDATE positions SET credits_posted = credits_posted {op} 1 "
+        "WHERE account_id = 'bob' AND stripe = 0",
+    )
     async with owner_engine.begin() as conn:
-        await conn.execute(
-            text(
-                "UPDATE projection.balances SET credits_posted = credits_posted + 1 "
-                "WHERE account_id = 'bob'"
-            )
-        )
+        for statement_ in tampered:
+            changed = await conn.execute(text(statement_.format(op="+")))
+            assert changed.rowcount == 1, statement_
     try:
         run = await (await start_run(recon.client, recon.settings, kind="manual")).result()
-        assert run.counts["internal_drift"] >= 1, run
+        assert run.counts["internal_drift"] >= 2, run
         drift = [
-            e.payload["description"]
+            e.payload
             for e in await recon.events("DiscrepancyDetected")
             if e.payload["discrepancy_type"] == "internal_drift"
         ]
-        assert any("read-model" in d and "balances" in d for d in drift), drift
+        descriptions = [d["description"] for d in drift]
+        assert any("read-model" in d and "balances" in d for d in descriptions), descriptions
+        assert any("position-mismatch" in d and "bob" in d for d in descriptions), descriptions
+        assert len(drift) == run.counts["internal_drift"]
     finally:
         async with owner_engine.begin() as conn:
-            await conn.execute(
-                text(
-                    "UPDATE projection.balances SET credits_posted = credits_posted - 1 "
-                    "WHERE account_id = 'bob'"
-                )
-            )
+            for statement_ in tampered:
+                await conn.execute(text(statement_.format(op="-")))
 
 
 async def test_operators_may_terminate_or_reset_reconciliation_workflows_and_nothing_is_lost(
