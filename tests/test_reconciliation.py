@@ -115,6 +115,7 @@ async def describe_when_started(client: Client, workflow_id: str) -> WorkflowExe
 
 @pytest.fixture
 async def recon(
+    request: pytest.FixtureRequest,
     temporal_client: Client,
     bank: EventStore,
     settings: Settings,
@@ -123,8 +124,10 @@ async def recon(
 ) -> AsyncIterator[Recon]:
     """A worker with every activity on the test's queue, its inbox watch, and the API.
     Settlements count as missing from statements at once (no settlement window), and
-    any open payment with no workflow is internal drift at once."""
-    settings = settings.model_copy(update={"recon_settlement_window_s": 0, "sweep_idle_s": 0})
+    any open payment with no workflow is internal drift at once. A test parametrised
+    indirectly with a dict of settings changes them (a settlement window, say)."""
+    changes = {"recon_settlement_window_s": 0, "sweep_idle_s": 0, **getattr(request, "param", {})}
+    settings = settings.model_copy(update=changes)
     activities = worker_activities(bank, temporal_client, settings)
     stop = asyncio.Event()
     async with build_worker(
@@ -271,28 +274,40 @@ async def test_an_uploaded_statement_is_matched_within_seconds_and_each_discrepa
     assert len(await recon.events("DiscrepancyResolved")) == 1
 
 
-async def test_a_late_line_within_the_window_raises_nothing_and_closes_what_was_missing(
-    recon: Recon,
+@pytest.mark.parametrize(
+    "recon", [{"recon_settlement_window_s": 3_600}], indirect=True, ids=["window-1h"]
+)
+async def test_a_late_settlement_inside_the_window_raises_nothing_and_matches_when_it_arrives(
+    recon: Recon, task_queue: str
 ) -> None:
-    late = Payment(recon.store, "alice", "bob", 6_000)
-    await late.settle_fully()
-    settled = await _settled_lines(recon)
-    first = processor_csv([v for k, v in settled.items() if k != late.payment_id])
-    assert (await recon.upload("day-1.csv", first)).status_code == 201
-    detected = await recon.wait_for_events("DiscrepancyDetected", 1)
-    assert [e.payload["discrepancy_type"] for e in detected] == ["missing_in_statement"]
-    missing_id = detected[0].payload["discrepancy_id"]
+    """The simulator settles a capture late, in the next window's report. Inside the
+    settlement window (here an hour) a settlement on no statement yet is not missing:
+    the first report raises nothing, and the next one matches it. (Past the window it is
+    `missing_in_statement` until its line comes: see the simulator's report test.)"""
+    payments = Payments(recon.client, recon.store, task_queue)
+    start = datetime.now(UTC) - timedelta(minutes=1)
+    outcomes = [await payments.run("alice", "bob", 1_500 * (i + 1)) for i in range(2)]
+    assert {o.status for o in outcomes} == {"SETTLED"}
+    end = datetime.now(UTC) + timedelta(minutes=1)
+    first = await build_settlement_report(recon.store.engine, start, end, inject={"late": 1})
+    (late,) = first.touched("late")
+    on_time = {o.payment_id for o in outcomes} - {late}
+    assert {line.reference for line in first.lines} == on_time
+    assert (await recon.upload("window-1.csv", first.content)).status_code == 201
+    completed = await recon.wait_for_events("ReconciliationCompleted", 1)
+    assert completed[0].payload["lines_matched"] == 1
+    assert completed[0].payload["discrepancies"] == 0
 
-    # The capture arrives in the next report, a day late: it matches, and the workflow
-    # of the discrepancy it had raised closes it.
-    d, ref, amount, cur = settled[late.payment_id]
-    second = processor_csv([(d + timedelta(days=1), ref, amount, cur)])
-    assert (await recon.upload("day-2.csv", second)).status_code == 201
-    resolved = await recon.wait_for_events("DiscrepancyResolved", 1)
-    assert [(e.payload["discrepancy_id"], e.payload["resolution"]) for e in resolved] == [
-        (missing_id, "matched_later")
-    ]
-    assert len(await recon.events("DiscrepancyDetected")) == 1
+    # The next window's report holds the late capture, settled when the first closed.
+    second = await build_settlement_report(recon.store.engine, end, end + timedelta(minutes=1))
+    assert second.late_arrivals == (late,)
+    assert [line.reference for line in second.lines] == [late]
+    assert (await recon.upload("window-2.csv", second.content)).status_code == 201
+    completed = await recon.wait_for_events("ReconciliationCompleted", 2)
+    assert completed[1].payload["lines_matched"] == 1
+    assert completed[1].payload["discrepancies"] == 0
+    assert await recon.events("DiscrepancyDetected") == []
+    assert await recon.events("DiscrepancyResolved") == []
 
 
 async def test_a_file_dropped_in_the_inbox_is_ingested_matched_and_moved(recon: Recon) -> None:
@@ -427,7 +442,7 @@ async def test_the_simulators_report_with_every_injected_kind_is_found_as_its_ma
     outcomes = [await payments.run("alice", "bob", 1_000 * (i + 1)) for i in range(7)]
     assert {o.status for o in outcomes} == {"SETTLED"}
     end = datetime.now(UTC) + timedelta(minutes=1)
-    kinds = ("missing", "extra", "wrong_amount", "wrong_currency", "duplicate")
+    kinds = ("missing", "extra", "wrong_amount", "wrong_currency", "duplicate", "late")
     report = await build_settlement_report(
         recon.store.engine, start, end, inject=dict.fromkeys(kinds, 1), seed=7
     )
@@ -436,12 +451,16 @@ async def test_the_simulators_report_with_every_injected_kind_is_found_as_its_ma
     funding = {  # settled in the ledger by the fixture, never captured at the processor
         p for p in (await _settled_lines(recon)) if p not in {o.payment_id for o in outcomes}
     }
+    (late,) = report.touched("late")
     expected = {
         ("missing_in_statement", report.touched("missing")[0]),
         ("amount_mismatch", report.touched("wrong_amount")[0]),
         ("currency_mismatch", report.touched("wrong_currency")[0]),
         ("duplicate_in_statement", report.touched("duplicate")[0]),
         ("missing_in_ledger", report.touched("extra")[0]),
+        # With no settlement window (this fixture's), a capture settled late is missing
+        # at once; inside a window it is not (the test above).
+        ("missing_in_statement", late),
         *{("missing_in_statement", p) for p in funding},
     }
     detected = await recon.wait_for_events("DiscrepancyDetected", len(expected))
@@ -451,6 +470,26 @@ async def test_the_simulators_report_with_every_injected_kind_is_found_as_its_ma
     }
     assert found == expected
     assert len(detected) == len(expected)
+
+    # The late capture comes in the next window's report: it matches, the workflow of
+    # the discrepancy it had raised closes it, and nothing new is found.
+    (late_missing,) = [
+        e.payload["discrepancy_id"]
+        for e in detected
+        if (e.payload["discrepancy_type"], e.payload["payment_id"])
+        == ("missing_in_statement", late)
+    ]
+    following = await build_settlement_report(recon.store.engine, end, end + timedelta(minutes=1))
+    assert following.late_arrivals == (late,)
+    assert (await recon.upload("simulator-next.csv", following.content)).status_code == 201
+    resolved = await recon.wait_for_events("DiscrepancyResolved", 1)
+    assert [(e.payload["discrepancy_id"], e.payload["resolution"]) for e in resolved] == [
+        (late_missing, "matched_later")
+    ]
+    completed = await recon.wait_for_events("ReconciliationCompleted", 2)
+    assert completed[-1].payload["lines_matched"] == 1
+    assert completed[-1].payload["discrepancies"] == 0
+    assert len(await recon.events("DiscrepancyDetected")) == len(expected)
 
 
 async def test_a_capture_the_ledger_never_posted_is_posted_by_its_discrepancy_workflow(
