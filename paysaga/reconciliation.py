@@ -23,6 +23,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from ledger.events import ReconciliationKind
 from paysaga.settings import DEFAULT_TASK_QUEUE, Settings
+from workflows.models import workflow_id_for
 from workflows.reconciliation import (
     STATEMENT_STREAM_ID,
     DiscrepancyWorkflow,
@@ -101,7 +102,8 @@ async def open_case(
 ) -> WorkflowHandle[DiscrepancyWorkflow, DiscrepancyOutcome]:
     """The discrepancy's workflow, if it is not running: one that completed (resolved)
     is never started again (its handle comes back); one that was terminated, cancelled
-    or failed is."""
+    or failed is. Its static details name the payment's workflow, where there is one,
+    so the Temporal UI leads from the discrepancy to the payment."""
     workflow_id = discrepancy_workflow_id(case.discrepancy_id)
     try:
         return await client.start_workflow(
@@ -115,11 +117,20 @@ async def open_case(
                 [SearchAttributePair(DISCREPANCY_TYPE, case.discrepancy_type)]
             ),
             static_summary=case.summary,
-            static_details=f"Found by reconciliation run {case.run_id}",
+            static_details=case_details(case),
         )
     except WorkflowAlreadyStartedError:
         # Its workflow completed: the discrepancy was resolved, and stays so.
         return client.get_workflow_handle_for(DiscrepancyWorkflow.run, workflow_id)
+
+
+def case_details(case: DiscrepancyCase) -> str:
+    """What a discrepancy's workflow shows under its summary: the run that found it and
+    the workflow id of the payment it concerns, if any."""
+    details = f"Found by reconciliation run {case.run_id}"
+    if case.payment_id is not None:
+        details += f"\n\nPayment workflow: {workflow_id_for(case.payment_id)}"
+    return details
 
 
 async def resolve_case(

@@ -324,6 +324,10 @@ async def test_each_discrepancy_type_is_found_once_and_not_again(conn, books: Bo
         line(0, repeated.payment_id, repeated.amount_minor),
         line(0, "p-nobody-knows", 777),
         line(0, late.payment_id, late.amount_minor, value_date=tomorrow),
+        # The ledger has no refunds and the processor charges no fees: money out for a
+        # settled payment names no settlement, and is for an operator to look at.
+        line(0, exact.payment_id, -200, kind="refund"),
+        line(0, exact.payment_id, -35, kind="fee"),
     ]
     await ingest(
         conn, parsed(statement("stmt-1", renumbered(lines))), source="upload", filename=None
@@ -336,8 +340,14 @@ async def test_each_discrepancy_type_is_found_once_and_not_again(conn, books: Bo
         ("duplicate_in_statement", repeated.payment_id),
         ("missing_in_ledger", "p-nobody-knows"),
         ("missing_in_statement", unreported.payment_id),
+        ("missing_in_ledger", exact.payment_id),
     }
-    assert len(first.discrepancies) == 5
+    money_out = [d for d in first.discrepancies if d.reference == exact.payment_id]
+    assert sorted((d.details["kind"], d.amount_minor, d.item_id) for d in money_out) == [
+        ("fee", -35, None),
+        ("refund", -200, None),
+    ]
+    assert len(first.discrepancies) == 7
     assert first.discrepancy_counts["internal_drift"] == 0
     assert first.matched["exact"].lines == len(books.fundings()) + 3  # exact, repeated, late
     by_type = {d.type: d for d in first.discrepancies}
@@ -355,10 +365,10 @@ async def test_each_discrepancy_type_is_found_once_and_not_again(conn, books: Bo
     # The next runs, incremental and full, find the same problems and record none again.
     second = await run(conn)
     assert second.discrepancies == ()
-    assert second.lines_considered == 4  # only the unmatched lines, each with its discrepancy
+    assert second.lines_considered == 6  # only the unmatched lines, each with its discrepancy
     full = await run(conn, full=True)
     assert full.discrepancies == ()
-    assert await count(conn, "discrepancies") == 5
+    assert await count(conn, "discrepancies") == 7
     assert await count(conn, "matched_lines") == first.lines_matched
 
 

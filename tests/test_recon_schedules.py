@@ -11,10 +11,18 @@ from temporalio.client import (
     Client,
     ScheduleActionStartWorkflow,
     ScheduleOverlapPolicy,
+    ScheduleRange,
 )
 
 from paysaga.settings import Settings
 from worker import ensure_recon_schedules, recon_schedule_ids
+from workflows.reconciliation_models import ReconciliationRequest
+
+
+async def request_of(client: Client, action: ScheduleActionStartWorkflow) -> object:
+    """The ReconciliationRequest a schedule's action starts its workflow with."""
+    (request,) = await client.data_converter.decode(action.args, [ReconciliationRequest])
+    return request
 
 
 async def test_the_schedules_exist_after_start_and_a_second_start_does_not_duplicate_them(
@@ -38,8 +46,29 @@ async def test_the_schedules_exist_after_start_and_a_second_start_does_not_dupli
         )
         upcoming = continuous.info.next_action_times
         assert len(upcoming) >= 2 and upcoming[1] - upcoming[0] == timedelta(minutes=5)
+        assert await request_of(temporal_client, action) == ReconciliationRequest(
+            kind="continuous", full=False
+        )
 
-        # recon-daily: 02:00 UTC every day, with a catch-up window.
+        # recon-daily: a full run at 02:00 UTC every day, skipped while one still runs,
+        # and still run if Temporal comes back within the catch-up window.
+        action = daily.schedule.action
+        assert isinstance(action, ScheduleActionStartWorkflow)
+        assert (action.workflow, action.task_queue) == (
+            "ReconciliationWorkflow",
+            settings.task_queue,
+        )
+        assert await request_of(temporal_client, action) == ReconciliationRequest(
+            kind="daily", full=True
+        )
+        (calendar,) = daily.schedule.spec.calendars
+        assert (tuple(calendar.hour), tuple(calendar.minute), tuple(calendar.second)) == (
+            (ScheduleRange(2, 2),),
+            (ScheduleRange(0),),
+            (ScheduleRange(0),),
+        )
+        assert daily.schedule.spec.time_zone_name == "UTC"
+        assert daily.schedule.policy.overlap == ScheduleOverlapPolicy.SKIP
         assert daily.schedule.policy.catchup_window == timedelta(hours=6)
         upcoming = daily.info.next_action_times
         assert upcoming, "the daily run has a next time"

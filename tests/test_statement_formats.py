@@ -401,6 +401,32 @@ def test_the_processor_csv_accepts_extra_zero_decimals_and_derives_its_statement
     ]
 
 
+def test_refund_and_fee_lines_of_the_processor_csv_are_money_out_naming_their_payment() -> None:
+    """The format has them; the simulator never writes them (see DEVELOPERS.md,
+    Reconciliation), and matching classifies them as `missing_in_ledger`
+    (tests/test_recon_matching.py)."""
+    content = (
+        b"date,reference,amount,currency,type\n"
+        b"2026-11-23,pay_1,12.34,EUR,capture\n"
+        b"2026-11-24,pay_1,2.00,EUR,refund\n"
+        b"2026-11-24,pay_1,0.35,EUR,fee\n"
+    )
+    (only,) = parse_statement(content).statements
+    assert [
+        (line.reference, line.amount_minor, line.currency, line.kind, line.value_date)
+        for line in only.lines
+    ] == [
+        ("pay_1", 1234, "EUR", "capture", DAY),
+        ("pay_1", -200, "EUR", "refund", DAY + timedelta(days=1)),
+        ("pay_1", -35, "EUR", "fee", DAY + timedelta(days=1)),
+    ]
+    assert only.currency == "EUR"
+    # A negative amount is refused: the type carries the sign, never the amount.
+    assert refused(content.replace(b"2.00,EUR,refund", b"-2.00,EUR,refund")).startswith(
+        "line 3: amount '-2.00' is not a number"
+    )
+
+
 def test_files_over_the_size_limit_or_of_no_known_format_are_refused() -> None:
     assert refused(b" " * (FILE_BYTES_MAX + 1)).startswith(
         f"the file is {FILE_BYTES_MAX + 1} bytes"
