@@ -225,7 +225,7 @@ async def run_chaos(
             ),
         )
         stop = asyncio.Event()
-        budget = OpsBudget(options.ops_max)
+        budget = OpsBudget(options.ops_max, stop)
         load = asyncio.create_task(workload.run(stop, budget))
         faults = asyncio.create_task(nemesis.run(stop))
         with contextlib.suppress(TimeoutError):

@@ -275,16 +275,22 @@ class Registry:
 
 
 class OpsBudget:
-    """The run's bound on submissions (--ops)."""
+    """The run's bound on submissions (--ops): once it is spent, it sets the run's `stop`,
+    which ends the load (the clients, the readers, and the driver's wait)."""
 
-    def __init__(self, ops_max: int) -> None:
+    def __init__(self, ops_max: int, stop: asyncio.Event) -> None:
         self.ops_max = ops_max
+        self.stop = stop
         self.used = 0
 
     def take(self) -> bool:
+        """One submission more, if the budget has one left; the last one sets `stop`."""
         if self.used >= self.ops_max:
+            self.stop.set()
             return False
         self.used += 1
+        if self.used >= self.ops_max:
+            self.stop.set()
         return True
 
 
@@ -442,7 +448,6 @@ class Workload:
         done = 0
         while not stop.is_set():
             if not budget.take():
-                stop.set()
                 return
             done += 1
             if done % TOP_UP_EVERY_OPS == 0 and await self._top_up(rng):
