@@ -309,6 +309,7 @@ def summarize(
             "simulate": dict(Counter(r["simulate"] or "none" for r in load)),
             "awaiting_approval": dict(Counter(r["approval"] for r in load if r["approval"])),
             "cancels_planned": sum(1 for r in load if r["cancel_at_s"] is not None),
+            "beyond_balance": sum(1 for r in load if r.get("beyond_balance")),
             "actions": {op: dict(codes) for op, codes in sorted(actions.items())},
             "actions_cut_short": drain_cut_short,
             "reads": dict(Counter(r["what"] for r in reads)),
