@@ -1154,10 +1154,11 @@ def chaos_run(
     Needs the stack's configuration (the same PAYSAGA_DATA_DIR and ports): it reads the
     services' pids from the data directory, logs in as the schema owner for the
     processor's outages (and the API key), and sends traffic to the API and to Temporal
-    on 127.0.0.1 only. Prints the run directory on stdout; exits 1 if the checker finds
-    the run invalid.
+    on this machine only: it exits 1, having connected to nothing, if either's host is
+    not a loopback address. Prints the run directory on stdout; exits 1 if the checker
+    finds the run invalid.
     """
-    from paysaga.chaos.driver import ChaosOptions, run_chaos
+    from paysaga.chaos.driver import ChaosOptions, require_loopback, run_chaos
     from paysaga.chaos.history import CHECK_FILE, FAULT_KINDS, write_json
     from paysaga.chaos.workload import ChaosSetupError
 
@@ -1173,6 +1174,10 @@ def chaos_run(
             f"unknown fault kind(s) {', '.join(unknown)}; choose from {', '.join(FAULT_KINDS)}",
             param_hint="--faults",
         )
+    try:
+        require_loopback(settings)
+    except ChaosSetupError as error:
+        fail(str(error))
     options = ChaosOptions(
         duration_s=duration_s,
         ops_max=ops,

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
+from typer.testing import CliRunner
 
 from api.keys import authenticate
+from paysaga.cli import app
+from paysaga.settings import Settings, get_settings
 from tests.harness.postgres import IsolatedDatabase, PostgresServer
 from tests.harness.stack import clean_env, paysaga
 
@@ -111,3 +116,50 @@ def test_db_commands_migrate_up_and_down(pg_server: PostgresServer) -> None:
         assert head != "base"
         assert paysaga("db", "downgrade", "base", env=env).returncode == 0
         assert paysaga("db", "current", env=env).stdout.strip() == "base"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "args", "code", "message"),
+    [
+        (
+            {"PAYSAGA_API_HOST": "10.1.2.3"},
+            [],
+            1,
+            "host 10.1.2.3 is not a loopback address (PAYSAGA_API_HOST)",
+        ),
+        (
+            {"TEMPORAL_ADDRESS": "temporal.example.com:7233"},
+            [],
+            1,
+            "host temporal.example.com is not a loopback address (TEMPORAL_ADDRESS)",
+        ),
+        ({}, ["--faults", "kill-api,bogus"], 2, "unknown fault kind(s) bogus"),
+    ],
+)
+def test_chaos_run_refuses_a_stack_off_this_machine_or_an_unknown_fault_before_it_starts(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    overrides: dict[str, str],
+    args: list[str],
+    code: int,
+    message: str,
+) -> None:
+    # In this process (a `paysaga` process of its own costs 3 s a case here), with the
+    # environment `paysaga` would get: nothing answers on these addresses, so a run that
+    # went as far as connecting would say so.
+    for name in Settings.env_names():
+        monkeypatch.delenv(name, raising=False)
+    env = {"DATABASE_URL": "postgresql://nobody@127.0.0.1:9/none", "PAYSAGA_API_PORT": "9"}
+    for name, value in {**env, **overrides}.items():
+        monkeypatch.setenv(name, value)
+    run_dir = tmp_path / "run"
+    get_settings.cache_clear()
+    try:
+        result = CliRunner().invoke(app, ["chaos", "run", "--out", str(run_dir), *args])
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == code, result.output
+    assert message in " ".join(result.stderr.replace("│", " ").split()), result.stderr
+    assert "cannot reach" not in result.stderr and "readyz" not in result.stderr
+    assert result.stdout == ""
+    assert not run_dir.exists()

@@ -18,7 +18,7 @@ import psycopg
 import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
-from temporalio.client import Client, WorkflowExecutionDescription
+from temporalio.client import Client, WorkflowExecutionDescription, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.settlement_report import build_settlement_report
@@ -27,7 +27,7 @@ from ledger.db import to_libpq_url
 from ledger.events import ReconciliationCompleted
 from ledger.money import format_amount
 from ledger.store import EventStore
-from paysaga.reconciliation import start_run, watch_inbox
+from paysaga.reconciliation import discrepancy_workflow_id, open_case, start_run, watch_inbox
 from paysaga.settings import Settings
 from recon.formats import parse_statement
 from recon.formats.build import bank_line, build_bai2, build_camt053, build_mt940, statement
@@ -40,6 +40,7 @@ from tests.harness.read_side import project
 from tests.harness.saga import Payments
 from tests.harness.stack import clean_env, paysaga
 from worker import build_worker, worker_activities
+from workflows.reconciliation_models import DiscrepancyCase
 from workflows.search_attributes import DISCREPANCY_TYPE
 
 # An uploaded statement's discrepancies are in the ledger within this: the upload test
@@ -271,6 +272,25 @@ async def test_an_uploaded_statement_is_matched_within_seconds_and_each_discrepa
         {"resolution": "posted_capture", "note": "not mine to choose"},
     )
     assert automatic.status_code == 422
+    assert len(await recon.events("DiscrepancyResolved")) == 1
+
+    # Its case opened again (a later run's `recon.open_cases`, as when a second ledger met
+    # the same Temporal): the completed workflow comes back, not started again, not failed.
+    resolved_workflow = recon.client.get_workflow_handle(discrepancy_workflow_id(target))
+    await resolved_workflow.result()
+    first_run = (await resolved_workflow.describe()).run_id
+    case = DiscrepancyCase(
+        discrepancy_id=target,
+        run_id=run_id,
+        discrepancy_type="amount_mismatch",
+        payment_id=wrong_amount.payment_id,
+        summary=open_["amount_mismatch"]["summary"],
+    )
+    reopened = await open_case(recon.client, recon.settings.task_queue, case)
+    described = await reopened.describe()
+    assert described.run_id == first_run
+    assert described.status == WorkflowExecutionStatus.COMPLETED
+    assert (await reopened.result()).resolution == "accepted"
     assert len(await recon.events("DiscrepancyResolved")) == 1
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import random
 import secrets
 from collections import Counter
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from paysaga.chaos.faults import FaultTargets, Nemesis
 from paysaga.chaos.history import (
@@ -53,6 +55,9 @@ READY_TIMEOUT_S = 60.0
 WARMUP_S_MAX = 2.0
 # No fault starts in the last part of the run: the last ones have time to play out.
 FAULT_TAIL_SHARE = 0.1
+# A name that always means this machine (RFC 6761, 6.3); any other host must be a
+# loopback address written out.
+LOOPBACK_NAMES = frozenset({"localhost"})
 
 
 @dataclass
@@ -102,10 +107,46 @@ def _owner_engine_factory(settings: Settings) -> Callable[[], Any] | None:
     return lambda: create_owner_engine(url)
 
 
+def is_loopback(host: str | None) -> bool:
+    """Whether `host` names this machine: a loopback address (127.0.0.0/8, ::1) or
+    `localhost`. Nothing is resolved: any other name is not loopback."""
+    if not host:
+        return False
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def require_loopback(settings: Settings) -> None:
+    """Refuse a stack that is not on this machine, before anything is connected to: a
+    chaos run floods the API and acts on Temporal's workflows, so it sends its traffic
+    to a loopback address only."""
+    targets = (
+        ("the API", "PAYSAGA_API_HOST", settings.api_url),
+        ("Temporal", "TEMPORAL_ADDRESS", f"//{settings.temporal_target}"),
+    )
+    for what, variable, address in targets:
+        try:
+            host = urlsplit(address).hostname
+        except ValueError:
+            host = None
+        if not is_loopback(host):
+            raise ChaosSetupError(
+                f"{what} is at {address.removeprefix('//')}, whose host {host or '?'} is "
+                f"not a loopback address ({variable}): a chaos run sends traffic to this "
+                "machine only (127.0.0.1)"
+            )
+
+
 async def run_chaos(
     settings: Settings, options: ChaosOptions, say: Callable[[str], None]
 ) -> ChaosResult:
-    """Run the workload under faults against the stack `settings` describe."""
+    """Run the workload under faults against the stack `settings` describe (on this
+    machine only: see `require_loopback`)."""
+    require_loopback(settings)
     seed = options.seed if options.seed is not None else random.SystemRandom().getrandbits(32)
     # Not from the seed: two runs with one seed against one stack need accounts of their own.
     tag = f"chaos-{secrets.token_hex(3)}"
@@ -184,7 +225,7 @@ async def run_chaos(
             ),
         )
         stop = asyncio.Event()
-        budget = OpsBudget(options.ops_max)
+        budget = OpsBudget(options.ops_max, stop)
         load = asyncio.create_task(workload.run(stop, budget))
         faults = asyncio.create_task(nemesis.run(stop))
         with contextlib.suppress(TimeoutError):
@@ -268,6 +309,7 @@ def summarize(
             "simulate": dict(Counter(r["simulate"] or "none" for r in load)),
             "awaiting_approval": dict(Counter(r["approval"] for r in load if r["approval"])),
             "cancels_planned": sum(1 for r in load if r["cancel_at_s"] is not None),
+            "beyond_balance": sum(1 for r in load if r.get("beyond_balance")),
             "actions": {op: dict(codes) for op, codes in sorted(actions.items())},
             "actions_cut_short": drain_cut_short,
             "reads": dict(Counter(r["what"] for r in reads)),

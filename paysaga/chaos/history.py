@@ -12,7 +12,9 @@ A run writes a directory (RUN_DIR) that the checker reads afterwards:
     with it: `key` (the Idempotency-Key), `payer`, `payee`, `amount_minor`, `currency`,
     `simulate` (str or null), `approval` ("approve", "reject" or null: what the
     operator will answer if it waits for approval), `cancel_at_s` (seconds after the
-    acknowledgement the client cancels it, or null), `attempts` (HTTP sends, retries
+    acknowledgement the client cancels it, or null), `beyond_balance` (the client chose
+    an amount beyond the payer's available balance as it had just read it), `attempts`
+    (HTTP sends, retries
     included), `duplicates` (deliberate re-sends), `acked` (some answer was 2xx with a
     payment id), `payment_id`, `final_status_code`, `error`; `payment_ids` when two
     answers for the same key named different payments; `purpose` ("funding" for the

@@ -252,6 +252,9 @@ class Plan:
     cancel_at_s: float | None
     duplicate: Literal["concurrent", "after"] | None
     purpose: Literal["load", "funding"] = "load"
+    # The amount is beyond the payer's available balance, as the client read it just
+    # before (such a payment is meant to fail for want of funds, unless money came in).
+    beyond_balance: bool = False
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
@@ -275,16 +278,22 @@ class Registry:
 
 
 class OpsBudget:
-    """The run's bound on submissions (--ops)."""
+    """The run's bound on submissions (--ops): once it is spent, it sets the run's `stop`,
+    which ends the load (the clients, the readers, and the driver's wait)."""
 
-    def __init__(self, ops_max: int) -> None:
+    def __init__(self, ops_max: int, stop: asyncio.Event) -> None:
         self.ops_max = ops_max
+        self.stop = stop
         self.used = 0
 
     def take(self) -> bool:
+        """One submission more, if the budget has one left; the last one sets `stop`."""
         if self.used >= self.ops_max:
+            self.stop.set()
             return False
         self.used += 1
+        if self.used >= self.ops_max:
+            self.stop.set()
         return True
 
 
@@ -442,7 +451,6 @@ class Workload:
         done = 0
         while not stop.is_set():
             if not budget.take():
-                stop.set()
                 return
             done += 1
             if done % TOP_UP_EVERY_OPS == 0 and await self._top_up(rng):
@@ -476,11 +484,13 @@ class Workload:
         threshold = self.config.approval_threshold_minor
         funding = self.config.funding_minor
         roll = rng.random()
+        beyond_balance = False
         if roll < AMOUNT_SHARE_LARGE:
             amount = rng.randint(threshold, 2 * threshold)
         elif roll < AMOUNT_SHARE_LARGE + AMOUNT_SHARE_BEYOND:
             available = await self._read_balance(payer)
             amount = max(available, 0) + rng.randint(1, max(funding // 10, 1))
+            beyond_balance = True
         else:
             amount = rng.randint(100, max(min(funding // 50, threshold - 1), 100))
         simulate = rng.choices(
@@ -510,6 +520,7 @@ class Workload:
             cancel_at_s=cancel_at_s,
             duplicate=duplicate,
             metadata=metadata,
+            beyond_balance=beyond_balance,
         )
 
     async def _submit(self, plan: Plan) -> dict[str, Any] | None:
@@ -551,6 +562,7 @@ class Workload:
             "simulate": plan.simulate,
             "approval": plan.approval,
             "cancel_at_s": plan.cancel_at_s,
+            "beyond_balance": plan.beyond_balance,
             "attempts": sum(a.attempts for a in answers),
             "duplicates": len(answers) - 1,
             "acked": acked,

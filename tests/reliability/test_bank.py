@@ -203,3 +203,5 @@ def test_a_long_bank_run_with_every_fault_is_valid(stack: RunningStack, tmp_path
     )
     injected = {k: v["injected"] for k, v in summary["faults"]["per_kind"].items()}
     assert set(injected) == set(FAULT_KINDS), injected
+    # Every fault applied, each time: the stack came back from every one.
+    assert summary["faults"]["failed"] == 0, summary["faults"]

@@ -58,6 +58,8 @@ THRESHOLD_MINOR = 20_000
 FUNDING_MINOR = 19_000  # below the approval threshold
 STATUS_WAIT_S = 30.0
 PROJECTOR_POLL_S = 0.2
+# How long the checker waits for a quiet that cannot come (a read model held back).
+QUIET_WAIT_S = 2.0
 
 
 @dataclass
@@ -346,6 +348,10 @@ def _broken(report: CheckReport) -> dict[str, list[str]]:
     return {i.name: i.examples for i in report.invariants if not i.valid}
 
 
+def _records(run: Run) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run.run_dir / HISTORY_FILE).read_text().splitlines()]
+
+
 def _edited_history(run: Run, name: str, edit: Any) -> Path:
     """A copy of the run whose history `edit` changed (records in, records out)."""
     copy = run.run_dir.parent / name
@@ -393,8 +399,13 @@ async def test_the_checker_finds_a_clean_run_valid_and_names_what_breaks_it(
         approve.update(payment_id=run.ids["rejected"], attempts=1)
         return [*out, lost, approve]
 
+    # And a bound on a payment's life that none of them met.
     report = await check_run(
-        _edited_history(run, "lies", lies), settings, quiesce_timeout_s=0, reconcile=False
+        _edited_history(run, "lies", lies),
+        settings,
+        quiesce_timeout_s=0,
+        reconcile=False,
+        close_bound_s=0.001,
     )
     broken = _broken(report)
     assert set(broken) == {
@@ -409,14 +420,18 @@ async def test_the_checker_finds_a_clean_run_valid_and_names_what_breaks_it(
     assert "the fold gives" in broken["read-models"][0]
     assert "pay-other" in broken["no-duplicates"][0]
     assert "pay-lost" in broken["payments-close"][0] and "lost" in broken["payments-close"][0]
+    late = f"payment {run.ids['settled']} took "
+    assert any(m.startswith(late) and "more than the bound" in m for m in broken["payments-close"])
     assert "accepted 'approve'" in broken["decisions"][0]
 
     async def check() -> dict[str, list[str]]:
         report = await check_run(run.run_dir, settings, quiesce_timeout_s=0, reconcile=False)
         return {k: v for k, v in _broken(report).items() if k != "reconciliation"}
 
-    # --- the processor: an extra void of a voided authorization, a void of a captured one --
+    # --- the processor: an extra void of a voided authorization, a void of a captured one, --
+    # and a settled payment (a funding) whose capture it has no record of
     owner = to_libpq_url(database.urls.owner_url)
+    funding = next(r["payment_id"] for r in _records(run) if r.get("purpose") == "funding")
     with psycopg.connect(owner, autocommit=True) as conn:
         for payment in (run.ids["rejected"], run.ids["settled"]):
             conn.execute(
@@ -424,12 +439,20 @@ async def test_the_checker_finds_a_clean_run_valid_and_names_what_breaks_it(
                 "VALUES (%s, 'void', 'voided', 9)",
                 (payment,),
             )
+        hidden = conn.execute(
+            "UPDATE processor_calls SET outcome = 'hidden' "
+            "WHERE payment_id = %s AND operation = 'capture' AND outcome = 'captured'",
+            (funding,),
+        )
+        assert hidden.rowcount == 1
     broken = await check()
     assert set(broken) == {"processor"}, broken
     assert any(run.ids["rejected"] in m and "voided 2 time(s)" in m for m in broken["processor"])
     assert any(run.ids["settled"] in m and "voided 1 time(s)" in m for m in broken["processor"])
+    assert f"payment {funding} (settled) was captured 0 time(s)" in "\n".join(broken["processor"])
     with psycopg.connect(owner, autocommit=True) as conn:
         conn.execute("DELETE FROM processor_calls WHERE attempt = 9")
+        conn.execute("UPDATE processor_calls SET outcome = 'captured' WHERE outcome = 'hidden'")
     assert await check() == {}
 
     # --- a hold nobody releases: a payment reserved in the ledger, with no workflow --------
@@ -443,7 +466,25 @@ async def test_the_checker_finds_a_clean_run_valid_and_names_what_breaks_it(
     )
     assert any("cust-1 has 4200 pending debits" in m for m in broken["no-hold-leaks"])
     assert f"payment {leak.payment_id} is stuck in reserved" in broken["payments-close"][0]
-    await leak.run("released", "voided", "failed")  # closed, as the sweeper would close it
+
+    # --- a read model that does not converge: a transaction holds its checkpoint, so the --
+    # projector cannot apply what comes next (the leaked payment, closed as the sweeper
+    # would close it)
+    stuck = next(iter(READ_MODELS))
+    with psycopg.connect(owner) as conn:
+        conn.execute(
+            "SELECT last_seq FROM projection.checkpoints WHERE projection = %s FOR UPDATE",
+            (stuck,),
+        )
+        await leak.run("released", "voided", "failed")
+        report = await check_run(
+            run.run_dir, settings, quiesce_timeout_s=QUIET_WAIT_S, reconcile=False
+        )
+    broken = {k: v for k, v in _broken(report).items() if k != "reconciliation"}
+    assert set(broken) == {"quiescence", "read-models"}, broken
+    assert "read models behind the ledger" in broken["quiescence"][0]
+    assert broken["read-models"][0].startswith(f"read model {stuck} is ")
+    assert "it does not converge" in broken["read-models"][0]
     assert await check() == {}
 
     # --- positions moved around the ledger's function -------------------------------------
@@ -493,6 +534,8 @@ async def test_the_checker_finds_a_clean_run_valid_and_names_what_breaks_it(
     broken = await check()
     assert {"seal-and-chains", "state-machines", "no-duplicates"} <= set(broken), broken
     assert any("repeated-event-type" in m for m in broken["no-duplicates"])
+    twice = f"payment {run.ids['settled']} has 2 terminal events"
+    assert any(m.startswith(twice) for m in broken["payments-close"]), broken
 
     # --- reconciliation: it now finds the drift, and a capture the ledger never settled ----
     with psycopg.connect(owner, autocommit=True) as conn:
