@@ -32,6 +32,7 @@ from ledger.events import (
     ReconciliationCompleted,
     Resolution,
     event_id_for,
+    payment_stream,
     recon_stream,
 )
 from ledger.store import EventStore, NewEvent
@@ -326,6 +327,8 @@ class ReconciliationActivities:
         if item.discrepancy_type != "missing_in_ledger" or not _is_payment_id(payment_id):
             return AutoFix(fixed=False)
         assert payment_id is not None
+        if not await self._reports_the_capture_of(item, payment_id):
+            return AutoFix(fixed=False)
         settled = await self.sweeper.settle_if_captured(payment_id)
         if settled is None:
             return AutoFix(fixed=False)
@@ -334,6 +337,20 @@ class ReconciliationActivities:
             resolution="posted_capture",
             note=settled,
             evidence_line_id=item.line_id,
+        )
+
+    async def _reports_the_capture_of(self, item: cases.DiscrepancyRow, payment_id: str) -> bool:
+        """Whether the line is the payment's capture: money in, of exactly the payment's
+        amount and currency. Only such a line is evidence for posting the capture; a refund,
+        a fee or a wrong amount that names the payment is left to an operator."""
+        stream = payment_stream(payment_id)
+        opening = (await self.store.stream_openings([stream])).get(stream)
+        if opening is None:
+            return False
+        return (
+            item.statement_amount_minor == opening.payload.get("amount_minor")
+            and item.statement_currency == opening.payload.get("currency")
+            and (item.statement_amount_minor or 0) > 0
         )
 
     @activity.defn(name="recon.resolve")

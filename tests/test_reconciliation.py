@@ -546,7 +546,10 @@ async def test_a_capture_the_ledger_never_posted_is_posted_by_its_discrepancy_wo
                 bank.engine, start, datetime.now(UTC) + timedelta(minutes=1)
             )
             assert report.settled == (payment_id,)
-            parsed = parse_statement(report.content, "report.csv")
+            # A refund naming the same payment is no evidence of its capture: it is left
+            # to an operator, never auto-fixed.
+            refund = f"{datetime.now(UTC).date().isoformat()},{payment_id},40.00,USD,refund\n"
+            parsed = parse_statement(report.content + refund.encode(), "report.csv")
             conn = await psycopg.AsyncConnection.connect(
                 to_libpq_url(settings.database_app_url or ""), autocommit=True
             )
@@ -555,11 +558,20 @@ async def test_a_capture_the_ledger_never_posted_is_posted_by_its_discrepancy_wo
             finally:
                 await conn.close()
             run = await (await start_run(temporal_client, recon_settings)).result()
-            assert run.counts["missing_in_ledger"] == 1, run
+            assert run.counts["missing_in_ledger"] == 2, run
             resolved = await wait_for_events(bank, "DiscrepancyResolved", 1)
         gate.opened.set()
     assert [e.payload["resolution"] for e in resolved] == ["posted_capture"]
     assert resolved[0].payload["evidence_line_id"] is not None
+    detected = await bank.read_stream(f"recon-{run.run_id}")
+    by_id = {
+        e.payload["discrepancy_id"]: e.payload
+        for e in detected
+        if e.event_type == "DiscrepancyDetected"
+    }
+    fixed = by_id.pop(resolved[0].payload["discrepancy_id"])
+    assert fixed["statement_amount_minor"] == 4_000
+    assert [d["statement_amount_minor"] for d in by_id.values()] == [-4_000]
     stream = await bank.read_stream(f"payment-{payment_id}")
     assert [e.event_type for e in stream][-1] == "PaymentSettled"
     assert (await bank.get_position("bob")).credits_posted == 4_000
