@@ -129,6 +129,7 @@ class Nemesis:
         self._owner_engine_factory = owner_engine
         self._owner_engine: AsyncEngine | None = None
         self._on_fault = on_fault
+        self.list_errors: list[str] = []
         self._http = httpx.AsyncClient(base_url=targets.api_url, timeout=5.0)
         self._faults: dict[str, Callable[[random.Random], Awaitable[FaultOutcome]]] = {
             "kill-worker": self._kill_worker,
@@ -372,9 +373,10 @@ class Nemesis:
         return process.returncode, out.decode(errors="replace"), err.decode(errors="replace")
 
     async def _payments(self, running: bool) -> list[str]:
-        """Workflow ids of this run's payments, running or closed, as Temporal lists them."""
+        """Workflow ids of this run's payments, running or closed, as Temporal lists them.
+        A listing that fails is noted in `self.list_errors` (the fault's outcome names it)."""
         state = '="Running"' if running else '!="Running"'
-        code, out, _ = await self._temporal(
+        code, out, err = await self._temporal(
             "workflow",
             "list",
             "--query",
@@ -385,10 +387,12 @@ class Nemesis:
             "json",
         )
         if code != 0:
+            self.list_errors.append(f"temporal workflow list: {err.strip()[:OUTPUT_CHARS_MAX]}")
             return []
         try:
             listed = json.loads(out or "[]")
         except ValueError:
+            self.list_errors.append("temporal workflow list: output is not JSON")
             return []
         ids = []
         for execution in listed if isinstance(listed, list) else []:
@@ -415,7 +419,13 @@ class Nemesis:
             workflow_id = await self._pick(rng, running=True)
             if workflow_id is None:
                 return FaultOutcome(
-                    "payment", {"error": "no running payment to act on", "tries": failures}, False
+                    "payment",
+                    {
+                        "error": "no running payment to act on",
+                        "tries": failures,
+                        "list_errors": self.list_errors[-3:],
+                    },
+                    False,
                 )
             args = ["workflow", action, "--workflow-id", workflow_id]
             if action == "terminate":
@@ -443,7 +453,11 @@ class Nemesis:
                 running = not running
                 workflow_id = await self._pick(rng, running=running)
             if workflow_id is None:
-                return FaultOutcome("payment", {"error": "no payment to reset"}, False)
+                return FaultOutcome(
+                    "payment",
+                    {"error": "no payment to reset", "list_errors": self.list_errors[-3:]},
+                    False,
+                )
             point = rng.choice(RESET_POINTS)
             args = ["workflow", "reset", "--workflow-id", workflow_id]
             event_id: int | None = None
