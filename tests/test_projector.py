@@ -4,12 +4,14 @@ middle of a batch, and a second projector running at the same time."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 import uuid
+from typing import Any
 
 import psycopg
 from sqlalchemy import text
@@ -17,11 +19,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger.db import to_libpq_url
 from ledger.projections import READ_MODELS
-from ledger.store import EventStore
+from ledger.store import EventStore, NewEvent
 from ledger.verify import check_ledger
 from tests.harness.ledger import Payment, open_account
 from tests.harness.postgres import IsolatedDatabase
-from tests.harness.read_side import project, projector
+from tests.harness.read_side import connect_app, project, projector
 from tests.harness.stack import clean_env
 
 
@@ -40,6 +42,24 @@ async def _head(engine: AsyncEngine) -> tuple[int, int]:
         return int(row[0]), int(row[1])
 
 
+async def _append_unannounced(conn: psycopg.AsyncConnection[Any], new: NewEvent) -> int:
+    """Append `new` as the app role may, straight through ledger_append, in `conn`'s
+    transaction; its global_seq. No NOTIFY follows (the event store sends those): only a
+    projector's poll finds the event."""
+    cursor = await conn.execute(
+        "SELECT global_seq FROM ledger_append(%s, %s, %s, 1, %s::jsonb, 'test', %s, NULL, 1, NULL)",
+        (
+            new.event_id,
+            new.stream_id,
+            new.event.event_type,
+            json.dumps(new.event.payload()),
+            new.correlation_id,
+        ),
+    )
+    (seq,) = await cursor.fetchone() or (0,)
+    return int(seq)
+
+
 async def _assert_read_models_match_the_log(store: EventStore) -> None:
     report = await check_ledger(store.engine)
     assert report.ok, report.lines()
@@ -53,18 +73,7 @@ async def test_a_late_commit_is_projected_exactly_once_after_the_events_that_pas
     held = Payment(bank, "alice", "bob", 4_200)
     # A writer takes a global_seq and holds its transaction open...
     writer = await psycopg.AsyncConnection.connect(to_libpq_url(database.urls.app_url))
-    new = held.initiated()
-    cursor = await writer.execute(
-        "SELECT global_seq FROM ledger_append(%s, %s, %s, 1, %s::jsonb, 'test', %s, NULL, 1, NULL)",
-        (
-            new.event_id,
-            new.stream_id,
-            "PaymentInitiated",
-            __import__("json").dumps(new.event.payload()),
-            new.correlation_id,
-        ),
-    )
-    (held_seq,) = await cursor.fetchone() or (0,)
+    held_seq = await _append_unannounced(writer, held.initiated())
     # ... while later events commit.
     later = Payment(bank, "alice", "bob", 1_000)
     await later.settle_fully()
@@ -239,9 +248,47 @@ async def test_two_projectors_at_once_apply_each_event_once(
     await _assert_read_models_match_the_log(bank)
 
 
-async def test_the_projector_wakes_on_a_notification_well_before_its_poll(
+async def test_the_projector_wakes_on_a_notification_and_polls_for_an_append_without_one(
     bank: EventStore, database: IsolatedDatabase
 ) -> None:
+    app = await connect_app(database)
+    try:
+        unannounced = await _sleeps_through_an_append_without_a_notification(bank, database, app)
+        # A runner that polls every `poll_s` finds such an append by its poll alone.
+        poll_s = 0.2
+        idle = asyncio.Event()
+
+        async def on_pass(applied: int) -> None:
+            if applied == 0:
+                idle.set()  # caught up, `unannounced` included: it waits now
+
+        stop = asyncio.Event()
+        runner = asyncio.create_task(
+            projector(bank, database, poll_s=poll_s).run(stop, on_pass=on_pass)
+        )
+        try:
+            await asyncio.wait_for(idle.wait(), 10)
+            assert (await _checkpoints(bank.engine))["balances"][0] >= unannounced
+            started = time.monotonic()
+            unannounced = await _append_unannounced(
+                app, Payment(bank, "alice", "bob", 6).initiated()
+            )
+            while (await _checkpoints(bank.engine))["balances"][0] < unannounced:
+                assert time.monotonic() - started < 20 * poll_s, "the projector never polled"
+                await asyncio.sleep(0.01)
+        finally:
+            stop.set()
+            await runner
+    finally:
+        await app.close()
+
+
+async def _sleeps_through_an_append_without_a_notification(
+    bank: EventStore, database: IsolatedDatabase, app: psycopg.AsyncConnection[Any]
+) -> int:
+    """A projector polling every 30 s wakes on an append's notification at once, and
+    sleeps through an append made outside the event store, which sends none; that
+    append's global_seq."""
     stop = asyncio.Event()
     runner = asyncio.create_task(projector(bank, database, poll_s=30).run(stop))
     try:
@@ -253,6 +300,14 @@ async def test_the_projector_wakes_on_a_notification_well_before_its_poll(
         while (await _checkpoints(bank.engine))["balances"][0] < head:
             assert time.monotonic() - started < 5, "the projector slept through the commit"
             await asyncio.sleep(0.01)
+
+        await asyncio.sleep(0.1)  # a notification still on its way has arrived
+        unannounced = await _append_unannounced(app, Payment(bank, "alice", "bob", 5).initiated())
+        await asyncio.sleep(0.25)
+        assert (await _checkpoints(bank.engine))["balances"][0] < unannounced, (
+            "an append outside the event store woke the projector: the poll goes untested"
+        )
+        return unannounced
     finally:
         stop.set()
         await runner
