@@ -105,11 +105,14 @@ async def test_a_late_commit_is_projected_exactly_once_after_the_events_that_pas
     await _assert_read_models_match_the_log(bank)
 
 
-def _projector_process(database: IsolatedDatabase, batch_events_max: int) -> subprocess.Popen[str]:
+def _projector_process(
+    database: IsolatedDatabase, batch_events_max: int, **settings: str
+) -> subprocess.Popen[str]:
     env = clean_env(
         DATABASE_APP_URL=database.urls.app_url,
         PAYSAGA_PROJECTOR_BATCH_EVENTS_MAX=str(batch_events_max),
         PAYSAGA_PROJECTOR_POLL_S="0.2",
+        **settings,
     )
     return subprocess.Popen(
         [sys.executable, "-m", "paysaga", "projector"],
@@ -150,16 +153,25 @@ async def _waiting_on_lock(owner: AsyncEngine, timeout_s: float = 20) -> int:
     raise AssertionError("the projector never reached the locked table")
 
 
+# Risk alert thresholds that are not the defaults: alice's 30 payments within the hour
+# trip the velocity rule once, at her 30th, and the alert's reason names both.
+RISK_ALERT_SETTINGS = {
+    "PAYSAGA_RISK_ALERT_VELOCITY_WINDOW_S": "3600",
+    "PAYSAGA_RISK_ALERT_VELOCITY_COUNT_MAX": "29",
+}
+
+
 async def test_a_projector_killed_mid_batch_loses_nothing_and_doubles_nothing(
     bank: EventStore, database: IsolatedDatabase, owner_engine: AsyncEngine
 ) -> None:
     for i in range(30):
         await Payment(bank, "alice", "bob", 100 + i).settle_fully()
     # Hold the statement's table so that the projector stops inside a batch: its
-    # checkpoint row is locked, the balances batch before it may have committed.
+    # checkpoint row is locked, the balances batch before it may have committed (the
+    # risk consumer, last in the pass, never starts).
     blocker = await psycopg.AsyncConnection.connect(to_libpq_url(database.urls.owner_url))
     await blocker.execute("LOCK TABLE projection.entries IN SHARE MODE")
-    process = _projector_process(database, batch_events_max=7)
+    process = _projector_process(database, batch_events_max=7, **RISK_ALERT_SETTINGS)
     try:
         try:
             await _waiting_on_lock(owner_engine)
@@ -175,14 +187,43 @@ async def test_a_projector_killed_mid_batch_loses_nothing_and_doubles_nothing(
         if process.poll() is None:
             process.kill()
     assert before["statement"][0] == 0, "the statement's first batch never committed"
-    # The killed batch rolled back with its connection; a new projector starts from the
-    # checkpoints and applies every event exactly once.
-    await project(bank, database)
+    # The killed batch rolled back with its connection; a new projector, restarted as a
+    # supervisor would, starts from the checkpoints and applies every event exactly
+    # once. Its risk consumer raises the alert its settings ask for, which the next pass
+    # projects.
+    process = _projector_process(database, batch_events_max=5_000, **RISK_ALERT_SETTINGS)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            checkpoints = await _checkpoints(bank.engine)
+            head, events = await _head(bank.engine)
+            done = all(checkpoints[name] == (head, events) for name in READ_MODELS)
+            if done and checkpoints["risk_consumer"][0] == head and await _alerts(bank.engine):
+                break
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise AssertionError(f"the projector never caught up: {process.communicate()[1]}")
+            await asyncio.sleep(0.05)
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            process.wait(timeout=10)
+    assert process.returncode == 0, process.communicate()[1][-3000:]
+    assert await _alerts(bank.engine) == [
+        "payer alice started 30 payments within 3600 s (at most 29)"
+    ]
     checkpoints = await _checkpoints(bank.engine)
     head, events = await _head(bank.engine)
     for name in READ_MODELS:
         assert checkpoints[name] == (head, events), name
     await _assert_read_models_match_the_log(bank)
+
+
+async def _alerts(engine: AsyncEngine) -> list[str]:
+    """The reasons of the alerts listed in the risk_alerts read model, in order."""
+    async with engine.connect() as conn:
+        rows = await conn.execute(text("SELECT reason FROM projection.risk_alerts ORDER BY 1"))
+        return [r.reason for r in rows]
 
 
 async def test_a_projector_killed_again_and_again_under_writes_converges(
