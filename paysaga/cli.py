@@ -953,8 +953,9 @@ def replay(
     until: Annotated[
         str | None,
         typer.Option(
-            help="Stop at this point of the log: a global_seq, or an RFC 3339 instant (the "
-            "events recorded at or before it). Needs --into.",
+            help="Stop at this point of the log: a global_seq, or an RFC 3339 instant, "
+            "which stands for every event before the first one recorded after it (no later "
+            "than the safe horizon). Needs --into.",
         ),
     ] = None,
     into: Annotated[
