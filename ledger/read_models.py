@@ -151,7 +151,7 @@ BALANCE_AS_OF_SQL = text(
      WHERE c.projection = :checkpoint
     """
 )
-_ENTRIES = text(
+ENTRIES_SQL = text(
     """
     SELECT c.last_seq AS as_of_seq, a.account_id IS NOT NULL AS account_known, e.*
       FROM projection.checkpoints c
@@ -329,7 +329,7 @@ class ReadModels:
         `limit`, each with the running position after it."""
         _check_limit(limit)
         rows = await self._fetch(
-            _ENTRIES,
+            ENTRIES_SQL,
             {
                 "account": account_id,
                 "after_seq": after_seq,

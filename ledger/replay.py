@@ -10,7 +10,8 @@ the shadow is at least as far as the live model, and moves the shadow's tables i
 a half-built one, and a model's `as_of_seq` never moves back.
 
 `materialise` builds the models as they were at one point of the log into a schema of
-its own, for an investigation; it resumes the same way.
+its own, for an investigation; it resumes the same way. An instant stands for the
+point `seq_at` gives: every event before the first one recorded after the instant.
 
 Both need DDL, so they run as the schema owner, on a connection in autocommit mode (each
 batch is its own transaction).
@@ -115,12 +116,32 @@ async def exclusive(
         raise ReplayError(f"another replay of {projection.name} into {schema} is running")
 
 
+# The point of the log an instant stands for: the longest prefix none of whose events was
+# recorded after it. recorded_at follows global_seq only per account and stream: two
+# appends on different accounts can take their numbers in one order and their times in
+# the other, so "the last event recorded at or before the instant" could sit above one
+# recorded after it. Looked for at or below a safe horizon read first: every event up to
+# it has committed, so none can still appear below the answer. A forward walk of the
+# primary key from event 1 that stops at the first event recorded after the instant: it
+# reads the prefix the materialisation then folds anyway. (An index on recorded_at would
+# cost every append and still not make it a seek: the lowest global_seq recorded after
+# an instant is a minimum over all of them.)
+_FIRST_RECORDED_AFTER = """
+SELECT global_seq FROM events
+ WHERE recorded_at > %(instant)s AND global_seq <= %(horizon)s
+ ORDER BY global_seq LIMIT 1
+"""
+
+
 async def seq_at(conn: psycopg.AsyncConnection[Any], instant: datetime) -> int:
-    """The last global_seq recorded at or before `instant` (0 if none)."""
-    value = await _one(
-        conn, "SELECT coalesce(max(global_seq), 0) FROM events WHERE recorded_at <= %s", (instant,)
-    )
-    return int(value)
+    """The log as it stood at `instant`: the longest global_seq prefix none of whose events
+    was recorded after it, i.e. the first global_seq recorded after `instant`, minus one.
+    Bounded by the safe horizon: when every event up to it was recorded at or before
+    `instant`, the horizon (events above it may still commit). `conn` must be in
+    autocommit mode."""
+    horizon = await safe_seq(conn)
+    first_after = await _one(conn, _FIRST_RECORDED_AFTER, {"instant": instant, "horizon": horizon})
+    return horizon if first_after is None else int(first_after) - 1
 
 
 async def count_events(conn: psycopg.AsyncConnection[Any], after: int, upto: int) -> int:

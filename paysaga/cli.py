@@ -25,6 +25,7 @@ from rich.console import Console
 from paysaga.settings import Settings, get_settings
 
 if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
     from sqlalchemy.ext.asyncio import AsyncEngine
 
 T = TypeVar("T")
@@ -952,8 +953,9 @@ def replay(
     until: Annotated[
         str | None,
         typer.Option(
-            help="Stop at this point of the log: a global_seq, or an RFC 3339 instant (the "
-            "events recorded at or before it). Needs --into.",
+            help="Stop at this point of the log: a global_seq, or an RFC 3339 instant, "
+            "which stands for every event before the first one recorded after it (no later "
+            "than the safe horizon). Needs --into.",
         ),
     ] = None,
     into: Annotated[
@@ -990,12 +992,9 @@ def replay(
     _on_ledger_database(lambda: _replay(url, chosen, until, into, restart))
 
 
-async def _replay(
-    url: str, chosen: list[Any], until: str | None, into: str | None, restart: bool
-) -> None:
-    from datetime import datetime
-
-    import psycopg
+def replay_progress(console: Console, get_time: Callable[[], float] | None = None) -> Progress:
+    """The bar `paysaga replay` shows, a line per read model: the events applied of those
+    planned, events/s (`advance_replay` keeps it) and the time left."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -1004,6 +1003,32 @@ async def _replay(
         TextColumn,
         TimeRemainingColumn,
     )
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]} events/s"),
+        TimeRemainingColumn(),
+        console=console,
+        get_time=get_time,
+    )
+
+
+def advance_replay(bar: Progress, task: TaskID, events: int) -> None:
+    """A batch of `events` applied: move the bar on, and show the speed."""
+    bar.advance(task, events)
+    speed = next(t.speed for t in bar.tasks if t.id == task)
+    bar.update(task, rate=f"{speed:,.0f}" if speed else "-")
+
+
+async def _replay(
+    url: str, chosen: list[Any], until: str | None, into: str | None, restart: bool
+) -> None:
+    from datetime import datetime
+
+    import psycopg
 
     from ledger.db import to_libpq_url
     from ledger.replay import (
@@ -1041,15 +1066,7 @@ async def _replay(
                 if instant.tzinfo is None:
                     fail(f"--until {until!r} needs a UTC offset (e.g. Z or +01:00)", 2)
                 until_seq = await seq_at(conn, instant)
-        columns = (
-            TextColumn("{task.description}"),
-            BarColumn(),
-            TaskProgressColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]} events/s"),
-            TimeRemainingColumn(),
-        )
-        with Progress(*columns, console=err) as bar:
+        with replay_progress(err) as bar:
             for projection in chosen:
                 if into is None:
                     plan = await plan_rebuild(conn, projection, restart=restart)
@@ -1060,10 +1077,8 @@ async def _replay(
                     )
                 task = bar.add_task(projection.name, total=max(plan.events, 1), rate="-")
 
-                def advance(batch: Any, task: Any = task) -> None:
-                    bar.advance(task, batch.events)
-                    speed = bar.tasks[task].speed
-                    bar.update(task, rate=f"{speed:,.0f}" if speed else "-")
+                def advance(batch: Any, task: TaskID = task) -> None:
+                    advance_replay(bar, task, batch.events)
 
                 if into is None:
                     reached = await rebuild(conn, projection, on_batch=advance)

@@ -21,7 +21,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger.projections import READ_MODELS
-from ledger.read_models import BALANCE_AS_OF_SQL, STATEMENT_CHECKPOINT
+from ledger.read_models import BALANCE_AS_OF_SQL, ENTRIES_SQL, STATEMENT_CHECKPOINT
 from ledger.store import EventStore
 from tests.harness.api import Api
 from tests.harness.ledger import Payment, fund, open_account
@@ -344,7 +344,7 @@ async def test_a_historical_balance_needs_an_instant_with_its_offset(
     assert lowercase.json()["posted"] == 500_000
 
 
-async def test_a_historical_balance_is_one_index_seek_never_a_scan(
+async def test_a_historical_balance_is_one_index_seek_and_a_statement_page_one_bounded_range(
     bank: EventStore, database: IsolatedDatabase, owner_engine: AsyncEngine
 ) -> None:
     for i in range(150):
@@ -378,6 +378,40 @@ async def test_a_historical_balance_is_one_index_seek_never_a_scan(
     assert on_entries[0]["Index Name"] == "entries_account_id_recorded_at_global_seq_idx"
     assert on_entries[0]["Scan Direction"] == "Backward"
     assert not [n for n in nodes if n["Node Type"] == "Seq Scan"], plan
+
+    # A statement page, from its cursor: one forward range of the (account_id,
+    # global_seq) key right under its LIMIT, already in order, so nothing reads or sorts
+    # the rest of the account's entries. (The statement's final ORDER BY sorts the page,
+    # at most `limit` rows, above the join with the checkpoint row.)
+    async with bank.engine.connect() as conn:
+        after_seq = (
+            await conn.execute(
+                text(
+                    "SELECT global_seq FROM projection.entries WHERE account_id = 'alice' "
+                    "ORDER BY global_seq OFFSET 100 LIMIT 1"
+                )
+            )
+        ).scalar_one()
+        plan = (
+            await conn.execute(
+                text(f"EXPLAIN (FORMAT JSON) {ENTRIES_SQL.text}"),
+                {
+                    "account": "alice",
+                    "after_seq": after_seq,
+                    "limit": 51,
+                    "checkpoint": STATEMENT_CHECKPOINT,
+                },
+            )
+        ).scalar_one()
+    nodes = list(_plan_nodes(plan[0]["Plan"]))
+    on_entries = [n for n in nodes if n.get("Relation Name") == "entries"]
+    assert [n["Node Type"] for n in on_entries] in (["Index Scan"], ["Index Only Scan"]), plan
+    assert on_entries[0]["Index Name"] == "entries_pkey"
+    assert on_entries[0]["Scan Direction"] == "Forward"
+    assert "global_seq > " in on_entries[0]["Index Cond"], plan
+    assert not [n for n in nodes if n["Node Type"] == "Seq Scan"], plan
+    bounds = [n for n in nodes if n["Node Type"] == "Limit"]
+    assert [b["Plans"] for b in bounds] == [on_entries], f"not one range under a LIMIT: {plan}"
 
 
 def _plan_nodes(node: dict[str, Any]) -> Iterable[dict[str, Any]]:

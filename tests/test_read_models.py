@@ -12,11 +12,12 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ledger.events import PaymentDeclined
+from ledger.projections import READ_MODELS
 from ledger.projections.check import differences, read_table
 from ledger.projections.fold import ReadModelFold
 from ledger.projections.statement import STATEMENT
 from ledger.projector import catch_up
-from ledger.replay import rebuild
+from ledger.replay import materialise, plan_materialise, rebuild, seq_at
 from ledger.store import EventStore
 from ledger.verify import check_ledger
 from tests.harness.ledger import Payment
@@ -199,6 +200,34 @@ async def test_an_event_recorded_before_rows_already_projected_reorders_the_time
         finally:
             await owner.close()
         await _assert_statement_exact(owner_engine, at, f"a rebuild in batches of {events_max}")
+
+    # `replay --until <instant>`: an instant stands for the events before the first one
+    # recorded after it. At 18 s that is events 1 to 5: 7, 8 and 10 were recorded by
+    # then, but 6 was not.
+    instants = sorted(
+        {t0 - timedelta(seconds=1)}
+        | {a + timedelta(microseconds=d) for a in at.values() for d in (-1, 0, 1)}
+    )
+    owner = await connect_owner(database)
+    try:
+        for instant in instants:
+            first_after = min((seq for seq, a in at.items() if a > instant), default=len(at) + 1)
+            assert await seq_at(owner, instant) == first_after - 1, instant
+        until = await seq_at(owner, t0 + timedelta(seconds=18))
+        assert until == 5
+        for projection in READ_MODELS.values():
+            await plan_materialise(owner, projection, "inquiry", until)
+            await materialise(owner, projection, "inquiry", until)
+    finally:
+        await owner.close()
+    async with owner_engine.connect() as conn:
+        rows = (await conn.execute(text("SELECT * FROM events ORDER BY global_seq"))).all()
+        fold = ReadModelFold()
+        for row in rows[:until]:
+            fold.apply(row)
+        for name in READ_MODELS:
+            table = await read_table(conn, name, "inquiry")
+            assert differences(name, fold.rows(name), table) == [], name
 
 
 async def _assert_statement_exact(

@@ -4,11 +4,14 @@ interrupted rebuild, and materialise the models at a point of the log."""
 from __future__ import annotations
 
 import asyncio
+import io
+import re
 from datetime import datetime
 from typing import Any
 
 import psycopg
 import pytest
+from rich.console import Console
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -20,6 +23,7 @@ from ledger.projector import Batch
 from ledger.replay import REPLAY_BULK_PARTS, materialise, plan_materialise, rebuild
 from ledger.store import EventStore
 from ledger.verify import check_ledger
+from paysaga.cli import advance_replay, replay_progress
 from tests.harness.ledger import Payment
 from tests.harness.postgres import IsolatedDatabase
 from tests.harness.read_side import connect_owner, project, projector
@@ -171,6 +175,21 @@ async def test_materialised_models_equal_a_fold_of_the_log_up_to_that_point(
             assert differences(name, fold.rows(name), table) == [], name
 
 
+def test_the_replay_progress_bar_shows_events_per_second_and_the_time_left() -> None:
+    """The bar `paysaga replay` draws, on a clock of its own: two batches of 1,000 events
+    a second apart, 2,000 of 4,000 to go."""
+    now = [0.0]
+    out = io.StringIO()
+    bar = replay_progress(Console(file=out, width=120, color_system=None), lambda: now[0])
+    task = bar.add_task("statement", total=4_000, rate="-")
+    for _ in range(2):
+        now[0] += 1.0
+        advance_replay(bar, task, 1_000)
+    bar.console.print(bar.get_renderable())
+    line = " ".join(out.getvalue().split())
+    assert line.endswith("50% 2000/4000 1,000 events/s 0:00:02"), line
+
+
 def _env(database: IsolatedDatabase) -> dict[str, str]:
     return clean_env(DATABASE_URL=database.urls.owner_url)
 
@@ -186,19 +205,29 @@ async def test_the_replay_command_rebuilds_materialises_and_refuses_bad_requests
     assert done.returncode == 0, done.stderr
     for name in READ_MODELS:
         assert f"{name}: swapped in at global_seq" in done.stderr
+        # The bar's last frame (printed once at the end, off a terminal): every model
+        # done, with its events/s and time-left columns.
+        assert re.search(
+            rf"^{name} .* 100% (\d+)/\1 \S+ events/s \d+:\d\d:\d\d$", done.stderr, re.M
+        ), done.stderr
 
+    # An instant stands for every event before the first one recorded after it.
     async with owner_engine.connect() as conn:
-        middle = (
-            await conn.execute(
-                text("SELECT recorded_at FROM events ORDER BY global_seq OFFSET 20 LIMIT 1")
-            )
-        ).scalar_one()
+        rows = (await conn.execute(text("SELECT * FROM events ORDER BY global_seq"))).all()
+    middle = rows[20].recorded_at
     assert isinstance(middle, datetime)
-    inquiry = paysaga(
-        "replay", "payments", "--until", middle.isoformat(), "--into", "inq_cli", env=env
-    )
+    until = next(row.global_seq for row in rows if row.recorded_at > middle) - 1
+    inquiry = paysaga("replay", "all", "--until", middle.isoformat(), "--into", "inq_cli", env=env)
     assert inquiry.returncode == 0, inquiry.stderr
-    assert "payments: built in inq_cli up to global_seq" in inquiry.stderr
+    fold = ReadModelFold()
+    for row in rows:
+        if row.global_seq <= until:
+            fold.apply(row)
+    async with owner_engine.connect() as conn:
+        for name in READ_MODELS:
+            assert f"{name}: built in inq_cli up to global_seq {until}\n" in inquiry.stderr
+            table = await read_table(conn, name, "inq_cli")
+            assert differences(name, fold.rows(name), table) == [], name
 
     for args, message in (
         (("replay", "nonsense"), "no read model 'nonsense'"),

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from ledger.risk_consumer import RiskThresholds
 from paysaga.settings import Settings
 
 
@@ -88,6 +89,37 @@ def test_a_real_secret_is_accepted_in_production(monkeypatch: pytest.MonkeyPatch
 
 def test_the_placeholder_secret_is_fine_in_development(monkeypatch: pytest.MonkeyPatch) -> None:
     assert load(monkeypatch).api_key_secret.get_secret_value() == "dev-insecure-change-me"
+
+
+def test_the_risk_alert_thresholds_come_from_their_variables(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # `paysaga projector` gives the risk consumer `Settings.risk_thresholds()`;
+    # test_projector.py's killed projector, restarted with two of these, alerts by them.
+    settings = load(
+        monkeypatch,
+        PAYSAGA_RISK_ALERT_VELOCITY_WINDOW_S="600",
+        PAYSAGA_RISK_ALERT_VELOCITY_COUNT_MAX="7",
+        PAYSAGA_RISK_ALERT_AMOUNT_STDDEVS="5",
+        PAYSAGA_RISK_ALERT_AMOUNT_HISTORY_MIN="12",
+        PAYSAGA_RISK_ALERT_DECLINES_IN_ROW="4",
+    )
+    assert settings.risk_thresholds() == RiskThresholds(
+        velocity_window_s=600,
+        velocity_count_max=7,
+        amount_stddevs=5,
+        amount_history_min=12,
+        declines_in_row_max=4,
+    )
+    assert load(monkeypatch).risk_thresholds() == RiskThresholds(
+        velocity_window_s=60,
+        velocity_count_max=20,
+        amount_stddevs=4,
+        amount_history_min=10,
+        declines_in_row_max=3,
+    )
+    with pytest.raises(ValidationError, match="risk_alert_amount_history_min"):
+        load(monkeypatch, PAYSAGA_RISK_ALERT_AMOUNT_HISTORY_MIN="1")
 
 
 def test_secrets_are_not_shown_in_reprs(monkeypatch: pytest.MonkeyPatch) -> None:
