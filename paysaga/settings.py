@@ -531,6 +531,8 @@ class Settings(BaseSettings):
     @property
     def api_url(self) -> str:
         host = "127.0.0.1" if self.api_host in ("0.0.0.0", "::") else self.api_host
+        if ":" in host:
+            host = f"[{host}]"  # an IPv6 address, as a URL writes it
         return f"http://{host}:{self.api_port}"
 
     @property

@@ -32,6 +32,20 @@ def test_defaults_run_the_embedded_stack_on_the_documented_ports(
     assert settings.data_dir == Path(".paysaga")
 
 
+@pytest.mark.parametrize(
+    ("host", "url"),
+    [
+        ("::1", "http://[::1]:8000"),
+        ("::", "http://127.0.0.1:8000"),
+        ("10.0.0.5", "http://10.0.0.5:8000"),
+    ],
+)
+def test_the_api_url_writes_an_ipv6_host_in_brackets(
+    monkeypatch: pytest.MonkeyPatch, host: str, url: str
+) -> None:
+    assert load(monkeypatch, PAYSAGA_API_HOST=host).api_url == url
+
+
 def test_external_servers_come_from_their_conventional_variables(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
