@@ -341,16 +341,17 @@ class ReconciliationActivities:
 
     async def _reports_the_capture_of(self, item: cases.DiscrepancyRow, payment_id: str) -> bool:
         """Whether the line is the payment's capture: money in, of exactly the payment's
-        amount and currency. Only such a line is evidence for posting the capture; a refund,
-        a fee or a wrong amount that names the payment is left to an operator."""
+        amount and currency (a payment's amount is positive, so a refund or a fee, money
+        out, never equals it). Only such a line is evidence for posting the capture; a
+        refund, a fee or a wrong amount that names the payment is left to an operator."""
         stream = payment_stream(payment_id)
         opening = (await self.store.stream_openings([stream])).get(stream)
         if opening is None:
             return False
-        return (
-            item.statement_amount_minor == opening.payload.get("amount_minor")
-            and item.statement_currency == opening.payload.get("currency")
-            and (item.statement_amount_minor or 0) > 0
+        payment = opening.payload
+        return (item.statement_amount_minor, item.statement_currency) == (
+            payment.get("amount_minor"),
+            payment.get("currency"),
         )
 
     @activity.defn(name="recon.resolve")

@@ -36,6 +36,7 @@ import os
 import random
 import signal
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,7 @@ LIST_LIMIT = 500
 PAYMENT_WORKFLOW_PREFIX = "payment-"
 RESET_POINTS = ("FirstWorkflowTask", "LastWorkflowTask", "event-id")
 OUTPUT_CHARS_MAX = 300
+LIST_ERRORS_KEPT = 3
 
 
 @dataclass
@@ -129,7 +131,8 @@ class Nemesis:
         self._owner_engine_factory = owner_engine
         self._owner_engine: AsyncEngine | None = None
         self._on_fault = on_fault
-        self.list_errors: list[str] = []
+        # The last few failed listings of payments, which a fault that found none names.
+        self.list_errors: deque[str] = deque(maxlen=LIST_ERRORS_KEPT)
         self._http = httpx.AsyncClient(base_url=targets.api_url, timeout=5.0)
         self._faults: dict[str, Callable[[random.Random], Awaitable[FaultOutcome]]] = {
             "kill-worker": self._kill_worker,
@@ -423,7 +426,7 @@ class Nemesis:
                     {
                         "error": "no running payment to act on",
                         "tries": failures,
-                        "list_errors": self.list_errors[-3:],
+                        "list_errors": list(self.list_errors),
                     },
                     False,
                 )
@@ -455,7 +458,7 @@ class Nemesis:
             if workflow_id is None:
                 return FaultOutcome(
                     "payment",
-                    {"error": "no payment to reset", "list_errors": self.list_errors[-3:]},
+                    {"error": "no payment to reset", "list_errors": list(self.list_errors)},
                     False,
                 )
             point = rng.choice(RESET_POINTS)

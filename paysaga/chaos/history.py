@@ -14,11 +14,10 @@ A run writes a directory (RUN_DIR) that the checker reads afterwards:
     operator will answer if it waits for approval), `cancel_at_s` (seconds after the
     acknowledgement the client cancels it, or null), `beyond_balance` (the client chose
     an amount beyond the payer's available balance as it had just read it), `attempts`
-    (HTTP sends, retries
-    included), `duplicates` (deliberate re-sends), `acked` (some answer was 2xx with a
-    payment id), `payment_id`, `final_status_code`, `error`; `payment_ids` when two
-    answers for the same key named different payments; `purpose` ("funding" for the
-    payments that fund the customers, else "load").
+    (HTTP sends, retries included), `duplicates` (deliberate re-sends), `acked` (some
+    answer was 2xx with a payment id), `payment_id`, `final_status_code`, `error`;
+    `payment_ids` when two answers for the same key named different payments; `purpose`
+    ("funding" for the payments that fund the customers, else "load").
   - `op`: an action on an existing payment: `op` ("approve", "reject", "cancel"),
     `payment_id`, `status_code` (null if no answer), `attempts`, `code` and `detail`
     (the problem's, on a refusal).
