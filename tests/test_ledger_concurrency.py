@@ -117,6 +117,11 @@ async def test_crossing_payments_in_both_directions_never_deadlock(
     for name in names:
         await open_account(wide_store, name)
         await fund(wide_store, name, 5_000)
+    # Fees accounts whose ids sort between the customers', so a settlement with a fee
+    # locks three positions, in an order that differs from the postings' own.
+    fees_accounts = ["n0-fees", "n2-fees"]
+    for name in fees_accounts:
+        await open_account(wide_store, name, kind="fees")
     rng = random.Random(7)
 
     async def lifecycle() -> None:
@@ -129,7 +134,10 @@ async def test_crossing_payments_in_both_directions_never_deadlock(
             await payment.run("voided", "failed")
             return
         if rng.random() < 0.8:
-            await wide_store.append(payment.settled())
+            fee_minor = rng.choice([0, 1]) if payment.amount_minor > 1 else 0
+            await wide_store.append(
+                payment.settled(fee_minor=fee_minor, fees_account=rng.choice(fees_accounts))
+            )
         else:
             await payment.run("released", "voided", "failed")
 
