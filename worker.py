@@ -326,7 +326,7 @@ async def run_worker(settings: Settings) -> None:
 
 
 def main() -> None:
-    """Run the worker with the process's settings (`paysaga worker` calls this)."""
+    """Run the worker with the process's settings (`python -m worker`, as `paysaga worker` does)."""
     from paysaga.logs import configure_logging
     from paysaga.settings import get_settings
 

@@ -133,10 +133,14 @@ def up() -> None:
 @app.command()
 def worker() -> None:
     """Run the Temporal worker against the configured servers."""
-    import worker as worker_service
-
     _service_settings()  # a configuration error is reported here, as for every command
-    worker_service.main()
+    # The worker is its own program (`python -m worker`, worker.py). The CLI hands this
+    # process over to it, same pid and environment, instead of importing it: the two
+    # never import each other (tests/test_architecture.py). `-P`: the installed module,
+    # never a worker.py that happens to sit in the current directory.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-P", "-m", "worker"])
 
 
 @app.command()

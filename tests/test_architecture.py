@@ -67,6 +67,8 @@ def test_migrations_import_nothing_from_the_product(path: Path) -> None:
 
 def test_the_worker_and_the_cli_do_not_import_each_other() -> None:
     assert "paysaga.cli" not in _imported_modules(ROOT / "worker.py")
+    # Not even inside a function: `paysaga worker` execs `python -m worker`.
+    assert not {"worker", "worker.main"} & _imported_modules(ROOT / "paysaga" / "cli.py")
 
 
 def test_money_rules_live_in_versioned_sql_files_not_in_python_strings() -> None:
