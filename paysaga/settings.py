@@ -295,6 +295,15 @@ class Settings(BaseSettings):
         "a revoked key stops working within this many seconds.",
     )
 
+    api_update_wait_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=300,
+        description="PAYSAGA_API_UPDATE_WAIT_S: how long cancel, approve and reject wait for "
+        "the payment's workflow to take the request. Past it (its worker down or busy) they "
+        "answer 503 `workflow_unresponsive`; the request may still be taken later.",
+    )
+
     metrics_host: str | None = Field(
         default=None,
         description="PAYSAGA_METRICS_HOST: the interface for PAYSAGA_METRICS_PORT. "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
+import time
 import uuid
 from datetime import timedelta
 
@@ -20,11 +21,12 @@ from api.app import create_app
 from api.idempotency import derived_id
 from ledger.store import EventStore
 from paysaga.settings import Settings
-from tests.harness.api import Api, serve
-from tests.harness.ledger import fund
+from tests.harness.api import Api, make_keys, serve
+from tests.harness.ledger import fund, open_account
 from tests.harness.postgres import IsolatedDatabase
 from tests.harness.read_side import project
-from tests.harness.saga import wait_for
+from tests.harness.saga import Payments, wait_for
+from worker import build_worker, payment_activities
 from workflows.models import workflow_id_for
 
 PAYMENT = {"payer_account_id": "alice", "payee_account_id": "bob", "currency": "EUR"}
@@ -262,6 +264,65 @@ async def fund_more(api: Api, amount_minor: int) -> None:
     # The test's ledger is reachable through the app's state.
     store: EventStore = api.http._transport.app.state.store  # type: ignore[attr-defined]
     await fund(store, "alice", amount_minor)
+
+
+async def test_an_action_no_worker_takes_is_a_503_within_its_bound_and_is_not_lost(
+    settings: Settings,
+    store: EventStore,
+    temporal_client: Client,
+    task_queue: str,
+    owner_engine: AsyncEngine,
+) -> None:
+    """With the payment's worker down, cancel, approve and reject waited for ever: with
+    no timeout, the SDK asks Temporal again and again until a worker takes the Update.
+    Each now answers 503 within PAYSAGA_API_UPDATE_WAIT_S and changes nothing meanwhile.
+    Temporal keeps the cancel: once a worker is back, the payment ends CANCELLED with its
+    hold released, and the approve and reject, refused by the workflow, change nothing."""
+    await open_account(store, "alice")
+    await open_account(store, "bob", kind="merchant")
+    await fund(store, "alice", 10_000)
+    payments = Payments(temporal_client, store, task_queue)
+    handle = await payments.start("alice", "bob", 700)  # no worker polls the queue yet
+    payment_id = handle.id.removeprefix("payment-")
+    quick = settings.model_copy(update={"api_update_wait_s": 1.0})
+    keys = await make_keys(owner_engine, quick.api_key_secret.get_secret_value())
+    async with serve(create_app(quick, store=store, temporal_client=temporal_client)) as http:
+        api = Api(http, keys)
+        for action, body, caller in (
+            ("approve", None, "ops"),
+            ("reject", {"reason": "no invoice"}, "ops"),
+            ("cancel", {"reason": "the client changed its mind"}, "client"),
+        ):
+            started = time.monotonic()
+            response = await api.post(
+                f"/v1/payments/{payment_id}/{action}", body, caller=caller, idempotency_key=None
+            )
+            waited_s = time.monotonic() - started
+            assert response.status_code == 503, response.text
+            assert response.json()["code"] == "workflow_unresponsive"
+            assert f"did not take the {action} within 1 s" in response.json()["detail"]
+            assert response.headers["Retry-After"] == "5"
+            assert waited_s < 10, f"{action} answered after {waited_s:.1f} s; its bound is 1 s"
+        assert await payments.event_types(payment_id) == []
+
+        activities = payment_activities(store, temporal_client)
+        async with build_worker(
+            temporal_client, quick, task_queue=task_queue, activities=activities
+        ):
+            outcome = await asyncio.wait_for(handle.result(), 60)
+            assert outcome.status == "CANCELLED", outcome
+            again = await api.post(
+                f"/v1/payments/{payment_id}/cancel", caller="client", idempotency_key=None
+            )
+            assert again.status_code == 409, again.text
+            assert again.json()["code"] == "cancel_refused"
+        read = (await api.get(f"/v1/payments/{payment_id}")).json()
+        assert (read["status"], read["failure_reason"]) == (
+            "CANCELLED",
+            "the client changed its mind",
+        )
+    assert "PaymentSettled" not in await payments.event_types(payment_id)
+    assert (await store.get_position("alice")).debits_pending == 0
 
 
 async def test_concurrent_reads_while_payments_run(bank: Api) -> None:

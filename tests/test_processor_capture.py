@@ -442,7 +442,10 @@ async def test_a_cancel_after_the_capture_is_refused_as_settling(
     async with gated_worker(temporal_client, bank, settings, task_queue, gate) as payments:
         payment_id = await _park_after_capture(payments, gate)
         keys = await make_keys(owner_engine, settings.api_key_secret.get_secret_value())
-        app = create_app(settings, store=bank, temporal_client=temporal_client)
+        # The capture is a local activity, held here at the gate: the workflow answered
+        # the cancel only after about 16 s, past the default wait.
+        patient = settings.model_copy(update={"api_update_wait_s": 60.0})
+        app = create_app(patient, store=bank, temporal_client=temporal_client)
         async with serve(app) as http:
             api = Api(http, keys)
             cancel = await api.post(f"/v1/payments/{payment_id}/cancel", idempotency_key=None)

@@ -483,7 +483,9 @@ async def approve(request: Request, payment_id: str) -> Response:
         _invalid(error)
     client = await _temporal(request)
     try:
-        await payments_api.approve_payment(payment_id, _store(request), client, session.key, body)
+        await payments_api.approve_payment(
+            payment_id, _store(request), client, session.key, _settings(request), body
+        )
     except ProblemError as problem:
         _refuse(problem)
     log.info("console approval", extra={"payment_id": payment_id})
@@ -501,7 +503,9 @@ async def reject(request: Request, payment_id: str) -> Response:
         _invalid(error)
     client = await _temporal(request)
     try:
-        await payments_api.reject_payment(payment_id, body, _store(request), client, session.key)
+        await payments_api.reject_payment(
+            payment_id, body, _store(request), client, session.key, _settings(request)
+        )
     except ProblemError as problem:
         _refuse(problem)
     log.info("console rejection", extra={"payment_id": payment_id})

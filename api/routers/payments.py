@@ -488,13 +488,32 @@ async def _update(
     payment_id: str,
     action: Literal["cancel", "approve", "reject"],
     argument: Any,
+    wait_s: float,
 ) -> ActionAccepted:
     _check_payment_id(payment_id)
     handle = client.get_workflow_handle(workflow_id_for(payment_id))
     try:
-        accepted: UpdateAccepted = await handle.execute_update(
-            action, argument, result_type=UpdateAccepted
+        # Bounded: without a timeout the SDK asks again and again until a worker takes
+        # the Update, and the request would hang as long as the worker is down.
+        accepted: UpdateAccepted = await asyncio.wait_for(
+            handle.execute_update(
+                action,
+                argument,
+                result_type=UpdateAccepted,
+                rpc_timeout=timedelta(seconds=wait_s),
+            ),
+            wait_s,
         )
+    except (TimeoutError, RPCTimeoutOrCancelledError):
+        # The server may still hold the Update and hand it to the workflow later.
+        raise ProblemError(
+            503,
+            "workflow_unresponsive",
+            f"the payment's workflow did not take the {action} within {wait_s:g} s (its "
+            "worker is down or busy); it may still take it: read the payment before you "
+            "retry",
+            headers={"Retry-After": "5"},
+        ) from None
     except WorkflowUpdateFailedError as error:
         cause = error.cause
         raise ProblemError(
@@ -530,6 +549,7 @@ async def cancel_payment(
     store: StoreDep,
     client: TemporalDep,
     key: CancelKey,
+    settings: SettingsDep,
     body: CancelIn | None = None,
 ) -> ActionAccepted:
     """Cancel before settlement: 202 while compensation runs; 409 once settled."""
@@ -540,6 +560,7 @@ async def cancel_payment(
         payment_id,
         "cancel",
         CancelRequest(actor=f"api-key:{key.key_id}", reason=reason),
+        settings.api_update_wait_s,
     )
 
 
@@ -549,6 +570,7 @@ async def approve_payment(
     store: StoreDep,
     client: TemporalDep,
     key: OpsKey,
+    settings: SettingsDep,
     body: ApproveIn | None = None,
 ) -> ActionAccepted:
     """Approve a payment waiting for approval (scope `ops`)."""
@@ -559,6 +581,7 @@ async def approve_payment(
         payment_id,
         "approve",
         ApproveRequest(actor=f"api-key:{key.key_id}", note=note),
+        settings.api_update_wait_s,
     )
 
 
@@ -569,6 +592,7 @@ async def reject_payment(
     store: StoreDep,
     client: TemporalDep,
     key: OpsKey,
+    settings: SettingsDep,
 ) -> ActionAccepted:
     """Reject a payment waiting for approval (scope `ops`); it is compensated."""
     return await _update(
@@ -577,4 +601,5 @@ async def reject_payment(
         payment_id,
         "reject",
         RejectRequest(actor=f"api-key:{key.key_id}", reason=body.reason),
+        settings.api_update_wait_s,
     )
