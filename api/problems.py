@@ -77,6 +77,18 @@ class ProblemError(Exception):
         self.headers = headers or {}
 
 
+def workflow_unresponsive(action: str, wait_s: float) -> ProblemError:
+    """An Update its workflow did not take within `wait_s`. Temporal keeps it, so the
+    workflow may still take it: the client reads before it retries."""
+    return ProblemError(
+        503,
+        "workflow_unresponsive",
+        f"the workflow did not take the {action} within {wait_s:g} s (its worker is down or "
+        "busy); it may still take it: read the resource before you retry",
+        headers={"Retry-After": "5"},
+    )
+
+
 def _documented(status: int, description: str) -> dict[str, Any]:
     return {
         "model": Problem,

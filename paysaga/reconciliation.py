@@ -134,15 +134,26 @@ def case_details(case: DiscrepancyCase) -> str:
 
 
 async def resolve_case(
-    client: Client, discrepancy_id: str, request: ResolveRequest
+    client: Client,
+    discrepancy_id: str,
+    request: ResolveRequest,
+    *,
+    wait_s: float | None = None,
 ) -> DiscrepancyOutcome | None:
     """Resolve the discrepancy through its workflow's `resolve` Update; None if it was
-    already resolved (or its workflow is closed)."""
+    already resolved (or its workflow is closed). `wait_s` bounds the wait for the
+    workflow to take it (TimeoutError or RPCTimeoutOrCancelledError past it); None waits
+    as long as the caller's own bound (an activity's timeout)."""
     handle = client.get_workflow_handle_for(
         DiscrepancyWorkflow.run, discrepancy_workflow_id(discrepancy_id)
     )
     try:
-        return await handle.execute_update(DiscrepancyWorkflow.resolve, request)
+        update = handle.execute_update(
+            DiscrepancyWorkflow.resolve,
+            request,
+            rpc_timeout=None if wait_s is None else timedelta(seconds=wait_s),
+        )
+        return await (update if wait_s is None else asyncio.wait_for(update, wait_s))
     except WorkflowUpdateFailedError as error:
         if _already_resolved(error):
             return None

@@ -299,9 +299,10 @@ class Settings(BaseSettings):
         default=10.0,
         gt=0,
         le=300,
-        description="PAYSAGA_API_UPDATE_WAIT_S: how long cancel, approve and reject wait for "
-        "the payment's workflow to take the request. Past it (its worker down or busy) they "
-        "answer 503 `workflow_unresponsive`; the request may still be taken later.",
+        description="PAYSAGA_API_UPDATE_WAIT_S: how long a payment's cancel, approve and "
+        "reject, and a discrepancy's resolve, wait for the workflow to take the request. "
+        "Past it (its worker down or busy) they answer 503 `workflow_unresponsive`; the "
+        "workflow may still take the request later.",
     )
 
     metrics_host: str | None = Field(

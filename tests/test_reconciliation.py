@@ -841,6 +841,28 @@ async def test_operators_may_terminate_or_reset_reconciliation_workflows_and_not
         recon.client, "workflow", "terminate", "--workflow-id", f"discrepancy-{discrepancy_id}",
         "--reason", "operator pulled the plug",
     )  # fmt: skip
+    # No worker to take the resolution (the case is started again on a queue nobody
+    # polls): a 503 within PAYSAGA_API_UPDATE_WAIT_S, never a request hanging for ever,
+    # and nothing recorded. The operator then ends that stranded run too.
+    unpolled = recon.settings.model_copy(
+        update={"task_queue": f"nobody-{uuid.uuid4()}", "api_update_wait_s": 1.0}
+    )
+    app = create_app(unpolled, store=recon.store, temporal_client=recon.client)
+    async with serve(app) as http:
+        stranded = await Api(http, recon.api.keys).post(
+            f"/v1/discrepancies/{discrepancy_id}/resolve",
+            {"resolution": "written_off", "note": "nobody takes this one"},
+            caller="ops",
+            idempotency_key=None,
+        )
+    assert stranded.status_code == 503, stranded.text
+    assert stranded.json()["code"] == "workflow_unresponsive"
+    assert stranded.headers["Retry-After"] == "5"
+    assert await recon.events("DiscrepancyResolved") == []
+    temporal_cli(
+        recon.client, "workflow", "terminate", "--workflow-id", f"discrepancy-{discrepancy_id}",
+        "--reason", "started on a queue nobody polls",
+    )  # fmt: skip
     resolved = await recon.resolve(
         discrepancy_id, {"resolution": "written_off", "note": "no such capture at the processor"}
     )

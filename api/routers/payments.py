@@ -63,7 +63,7 @@ from api.models import (
     RejectIn,
     StorableStr,
 )
-from api.problems import COMMON_RESPONSES, FieldError, ProblemError
+from api.problems import COMMON_RESPONSES, FieldError, ProblemError, workflow_unresponsive
 from ledger.events import PAYMENT_ID_PATTERN, payment_stream
 from ledger.read_models import SEQ_MAX, PaymentRow, ReadModels
 from ledger.state_machine import PAYMENT_STATUS_BY_STATE, TERMINAL_STATES, replay
@@ -505,15 +505,7 @@ async def _update(
             wait_s,
         )
     except (TimeoutError, RPCTimeoutOrCancelledError):
-        # The server may still hold the Update and hand it to the workflow later.
-        raise ProblemError(
-            503,
-            "workflow_unresponsive",
-            f"the payment's workflow did not take the {action} within {wait_s:g} s (its "
-            "worker is down or busy); it may still take it: read the payment before you "
-            "retry",
-            headers={"Retry-After": "5"},
-        ) from None
+        raise workflow_unresponsive(action, wait_s) from None
     except WorkflowUpdateFailedError as error:
         cause = error.cause
         raise ProblemError(

@@ -26,13 +26,17 @@ import psycopg
 from fastapi import APIRouter, File, Path, Query, Request, Response, UploadFile
 from fastapi.responses import HTMLResponse
 from pydantic import AfterValidator, BaseModel, Field
-from temporalio.client import WorkflowExecutionStatus, WorkflowUpdateFailedError
+from temporalio.client import (
+    RPCTimeoutOrCancelledError,
+    WorkflowExecutionStatus,
+    WorkflowUpdateFailedError,
+)
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
 from api.deps import OpsKey, SettingsDep, TemporalDep, get_temporal
 from api.models import refuse_unstorable
-from api.problems import COMMON_RESPONSES, ProblemError
+from api.problems import COMMON_RESPONSES, ProblemError, workflow_unresponsive
 from api.report import DayCount, ReportDiscrepancy, ReportRun, render_report
 from ledger.db import to_libpq_url
 from ledger.events import Actor, DiscrepancyType, Reason, Resolution
@@ -434,16 +438,19 @@ async def resolve_discrepancy(
         raise ProblemError(409, "already_resolved", "this discrepancy is already resolved")
     by: Actor = f"api-key:{key.key_id}"
     request = ResolveRequest(resolution=body.resolution, note=body.note, resolved_by=by)
+    wait_s = settings.api_update_wait_s
     try:
-        outcome = await resolve_case(temporal, str(discrepancy_id), request)
+        outcome = await resolve_case(temporal, str(discrepancy_id), request, wait_s=wait_s)
         if outcome is None and found[0].status == "open":
             # Its workflow is gone (an operator terminated it): start it again, then
             # resolve through it, so the resolution is recorded the one way it always is.
             with contextlib.suppress(WorkflowAlreadyStartedError):  # it completed meanwhile
                 await open_case(temporal, settings.task_queue, found[0].case())
-                outcome = await resolve_case(temporal, str(discrepancy_id), request)
+                outcome = await resolve_case(temporal, str(discrepancy_id), request, wait_s=wait_s)
     except WorkflowUpdateFailedError as error:
         raise ProblemError(422, "resolution_refused", str(error.cause or error)) from None
+    except (TimeoutError, RPCTimeoutOrCancelledError):
+        raise workflow_unresponsive("resolution", wait_s) from None
     if outcome is None:
         async with _recon_db(settings) as conn:
             found = await cases.discrepancies(conn, [str(discrepancy_id)])
