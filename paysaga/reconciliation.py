@@ -23,6 +23,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from ledger.events import ReconciliationKind
 from paysaga.settings import DEFAULT_TASK_QUEUE, Settings
+from paysaga.temporal import execute_update_within
 from workflows.models import workflow_id_for
 from workflows.reconciliation import (
     STATEMENT_STREAM_ID,
@@ -141,19 +142,19 @@ async def resolve_case(
     wait_s: float | None = None,
 ) -> DiscrepancyOutcome | None:
     """Resolve the discrepancy through its workflow's `resolve` Update; None if it was
-    already resolved (or its workflow is closed). `wait_s` bounds the wait for the
-    workflow to take it (TimeoutError or RPCTimeoutOrCancelledError past it); None waits
-    as long as the caller's own bound (an activity's timeout)."""
+    already resolved (or its workflow is closed). `wait_s` bounds the wait, as
+    `execute_update_within` says."""
     handle = client.get_workflow_handle_for(
         DiscrepancyWorkflow.run, discrepancy_workflow_id(discrepancy_id)
     )
     try:
-        update = handle.execute_update(
+        return await execute_update_within(
+            handle,
             DiscrepancyWorkflow.resolve,
             request,
-            rpc_timeout=None if wait_s is None else timedelta(seconds=wait_s),
+            result_type=DiscrepancyOutcome,
+            wait_s=wait_s,
         )
-        return await (update if wait_s is None else asyncio.wait_for(update, wait_s))
     except WorkflowUpdateFailedError as error:
         if _already_resolved(error):
             return None

